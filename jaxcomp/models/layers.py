@@ -1,0 +1,161 @@
+"""Building blocks shared by the models: every linear layer goes through ``core.dense``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcomp.core.dense import dense
+from jaxcomp.core.leaf import CompressedLeaf
+
+Dtype = Any
+
+
+def _stored_or_new(module: nn.Module, name: str, init, shape, dtype):
+    # A compressed leaf in the slot would fail linen's shape check in `self.param`, so read
+    # the stored value directly when there is one (apply), and create it only during init.
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init, shape, dtype)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel (+ bias)`` whose kernel may be a plain array or a compressed leaf."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = _stored_or_new(self, "kernel", nn.initializers.normal(0.02),
+                                (x.shape[-1], self.features), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        return dense(x.astype(self.dtype), kernel, bias)
+
+
+class Embed(nn.Module):
+    """Token (or position) embedding; ``attend`` gives tied-LM-head logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = _stored_or_new(self, "embedding", nn.initializers.normal(0.02),
+                                        (self.num_embeddings, self.features), self.param_dtype)
+
+    def _table(self) -> jax.Array:
+        table = self.embedding
+        if isinstance(table, CompressedLeaf):
+            table = table.materialize()
+        return table.astype(self.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self._table(), ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return dense(x.astype(self.dtype), self._table().T)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: normalizes in float32, scales in the compute dtype (as HF does)."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """GPT-2 LayerNorm (statistics in float32)."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict) -> jax.Array:
+    """RoPE inverse frequencies, with the llama3 long-context rescaling when asked."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling.get("rope_type", "default") == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates ``x`` (B, T, heads, head_dim) by ``positions`` (B, T), HF's rotate-half layout."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, head_dim/2)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention(q, k, v, q_positions, k_positions, *, sliding_window=None):
+    """Causal grouped-query attention.
+
+    Args:
+      q: (B, T, H, D) queries; k, v: (B, S, KVH, D) keys/values with H a multiple of KVH.
+      q_positions: (B, T) absolute positions; k_positions: (S,) absolute key positions
+        (keys at positions after a query are masked, which also hides unwritten cache slots).
+      sliding_window: if set, keys more than this many positions back are masked too.
+
+    Returns:
+      (B, T, H, D) attention output in q's dtype.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32) / math.sqrt(d)
+    qpos = q_positions[:, None, None, :, None]
+    kpos = k_positions[None, None, None, None, :]
+    mask = kpos <= qpos
+    if sliding_window is not None:
+        mask &= kpos > qpos - sliding_window
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def update_cache(layer_cache, k, v, index):
+    """Writes new keys/values at ``index`` into a (B, S_max, KVH, D) cache; returns all of it."""
+    ck = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype),
+                                             index, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype),
+                                             index, axis=1)
+    return {"k": ck, "v": cv}
