@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxcomp.core.leaf import CompressedLeaf
 from jaxcomp.errors import JaxcompError
@@ -119,6 +121,8 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
     want = expected_shapes(cfg)
     params: dict = {}
     seen = set()
+    bar = tqdm(total=len(want), desc=f"load {os.path.basename(source)}", unit="tensor",
+               leave=False, disable=not sys.stderr.isatty())
     for name, array in tensors:
         target = hf_name_to_path(cfg, name)
         if target is None:
@@ -136,6 +140,8 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
             raise JaxcompError(f"{source}: tensor {name!r} ({path}) contains NaN or Inf")
         _set(params, path, jax.numpy.asarray(array, dtype=param_dtype))
         seen.add(path)
+        bar.update()
+    bar.close()
     missing = sorted(set(want) - seen)
     if missing:
         raise JaxcompError(f"{source}: missing {len(missing)} tensors, e.g. {missing[0]!r} "

@@ -1,0 +1,17 @@
+"""Compressed leaf protocol, path rules, chain/compose and the dense-matmul dispatch."""
+
+from jaxcomp.core.dense import dense
+from jaxcomp.core.leaf import CompressedLeaf
+from jaxcomp.core.rules import Rule, make_rules, path_str, require_matrix, select
+from jaxcomp.core.transform import (
+    chain,
+    get_transform,
+    leaf_transform,
+    list_transforms,
+    register_transform,
+    tree_size,
+)
+
+__all__ = ["CompressedLeaf", "Rule", "chain", "dense", "get_transform", "leaf_transform",
+           "list_transforms", "make_rules", "path_str", "register_transform", "require_matrix",
+           "select", "tree_size"]

@@ -1,0 +1,117 @@
+"""The compress CLI contract: reports, one-line errors with exit code 2, nothing half-written."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from jaxcomp.pipeline import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _args(model, corpus, out_dir, *extra):
+    return [f"model={model}", f"eval.corpus=text:{corpus}", "eval.seq_len=32",
+            "eval.batch_size=4", f"out_dir={out_dir}", *extra]
+
+
+def _fails(capsys, argv, *needles):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_baseline_writes_report(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_llama_dir, tiny_text_file, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("recipe", "model", "params_before", "params_after", "bytes_before",
+                "bytes_after", "bits_per_param", "ppl_before", "ppl_after", "eval_tokens",
+                "seconds"):
+        assert key in report
+    assert report["recipe"] == "baseline"
+    assert report["params_before"] == report["params_after"] > 0
+    assert report["bits_per_param"] == pytest.approx(32.0)
+    assert 1.0 < report["ppl_before"] < 1000  # random 64-token model: near the vocab size
+    assert (out / "recipe.yaml").exists()
+    assert "perplexity before / after" in capsys.readouterr().out
+    assert [p for p in os.listdir(tmp_path) if p != "run"] == []  # no temp dirs left
+
+
+def test_rerun_replaces_out_dir(tiny_llama_dir, tiny_text_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(_args(tiny_llama_dir, tiny_text_file, out, "eval.max_tokens=64")) == 0
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "report.json").read_text())["eval_windows"] == 2
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["eval.seq_ln=8"], ["eval.seq_ln", "eval.seq_len"]),
+    (["evl.corpus=lee"], ["'evl'", "'eval'"]),
+    (["eval.seq_len=abc"], ["eval.seq_len"]),
+    (["eval.seq_len=1"], ["eval.seq_len"]),
+    (["eval.batch_size=0"], ["eval.batch_size"]),
+    (["recipe=baselin"], ["baselin", "baseline"]),
+    (["eval.corpus=nosuchcorpus"], ["nosuchcorpus"]),
+    (["notakeyvalue"], ["notakeyvalue"]),
+])
+def test_bad_recipe_input(tiny_llama_dir, tiny_text_file, tmp_path, capsys, extra, needles):
+    out = tmp_path / "run"
+    argv = _args(tiny_llama_dir, tiny_text_file, out) + extra
+    if extra[0].startswith("eval.corpus="):
+        argv = [a for a in argv if not a.startswith("eval.corpus=text:")]
+    _fails(capsys, argv, *needles)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_model(tiny_text_file, tmp_path, capsys):
+    _fails(capsys, _args(tmp_path / "nope.gguf", tiny_text_file, tmp_path / "run"), "nope.gguf")
+    _fails(capsys, _args("no-such-model", tiny_text_file, tmp_path / "run"), "no-such-model")
+    assert os.listdir(tmp_path) == []
+
+
+def test_truncated_safetensors(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _fails(capsys, _args(broken, tiny_text_file, tmp_path / "run"), "model.safetensors")
+    assert not (tmp_path / "run").exists()
+
+
+def test_shape_mismatch(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] = 128
+    (broken / "config.json").write_text(json.dumps(config))
+    _fails(capsys, _args(broken, tiny_text_file, tmp_path / "run"), "shape", "mlp")
+    assert not (tmp_path / "run").exists()
+
+
+def test_truncated_gguf(smollm2_gguf, tiny_text_file, tmp_path, capsys):
+    broken = tmp_path / "broken.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        broken.write_bytes(f.read(5_000_000))
+    _fails(capsys, _args(broken, tiny_text_file, tmp_path / "run"), "broken.gguf")
+    assert not (tmp_path / "run").exists()
+
+
+def test_script_exit_code(tmp_path):
+    """The real entry point: one line on stderr, exit code 2, nothing written."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compress.py"),
+                           "recipe=baseline", "eval.seq_ln=3", f"out_dir={out}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown recipe key 'eval.seq_ln'; did you mean 'eval.seq_len'?"]
+    assert not out.exists()
