@@ -42,7 +42,7 @@ def _reader(path: str):
         reader = gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise JaxcompError(f"{path}: not a readable GGUF file ({msg})") from None
+        raise JaxcompError(f"{path}: not a readable GGUF file, truncated or corrupt ({msg})") from None
     size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
@@ -157,9 +157,12 @@ def iter_gguf_tensors(path: str, dtype=np.float32) -> Iterator[tuple[str, np.nda
 
 
 def load_gguf_tokenizer(path: str):
-    """The HF tokenizer described by a GGUF file's metadata (no torch needed)."""
+    """The HF tokenizer described by a GGUF file's metadata (no torch needed), or ``None``
+    when the file carries no tokenizer."""
     from transformers import AutoTokenizer
 
+    if _field(_reader(path), "tokenizer.ggml.model") is None:
+        return None
     try:
         return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                              gguf_file=os.path.basename(path))
