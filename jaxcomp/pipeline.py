@@ -60,7 +60,11 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         before = _timed(seconds, "eval_before", perplexity, model, params, windows,
                         recipe.eval.batch_size, progress, "eval (before)")
         for i, stage in enumerate(recipe.stages):
-            transform = get_transform(stage.transform)(**stage.args, rules=stage.rules)
+            factory = get_transform(stage.transform)
+            try:
+                transform = factory(**stage.args, rules=stage.rules)
+            except TypeError as e:  # an argument the transform does not take
+                raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
             params = _timed(seconds, f"stage{i}:{stage.transform}", transform, params)
         params_after, bytes_after = tree_size(params)
         if recipe.stages:
@@ -88,6 +92,11 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "eval_tokens_per_s": round(before.tokens_per_s, 1),
             "seconds": seconds,
         }
+        if recipe.save_checkpoint:
+            from jaxcomp.checkpoint import save_checkpoint
+
+            _timed(seconds, "save_checkpoint", save_checkpoint, os.path.join(tmp, "checkpoint"),
+                   params, loaded.config, loaded.tokenizer)
         if recipe.export_hf:
             from jaxcomp.models.hf import export_hf
 

@@ -54,6 +54,7 @@ class Recipe:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
     stages: list[StageConfig] = dataclasses.field(default_factory=list)
+    save_checkpoint: bool = True  # out_dir/checkpoint (orbax), reopened with model=<that dir>
     export_hf: bool = False
 
 

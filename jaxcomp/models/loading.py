@@ -58,7 +58,8 @@ def load_model(spec: str, param_dtype=np.float32) -> LoadedModel:
     """Loads a model by built-in name, HF checkpoint directory, or GGUF path.
 
     Args:
-      spec: ``"smollm2-135m"``, a directory with ``config.json`` + safetensors, or a ``.gguf``.
+      spec: ``"smollm2-135m"``, a directory with ``config.json`` + safetensors, a ``.gguf``
+        file, or a jaxcomp checkpoint directory (``out_dir/checkpoint`` of a recipe run).
       param_dtype: dtype of the returned params.
 
     Returns:
@@ -69,7 +70,14 @@ def load_model(spec: str, param_dtype=np.float32) -> LoadedModel:
     """
     from jaxcomp.models.hf import load_hf_config, params_from_tensors
 
+    from jaxcomp.checkpoint import is_checkpoint, load_checkpoint
+
     path = resolve_model_path(spec)
+    if is_checkpoint(path):
+        params, cfg, tokenizer = load_checkpoint(path)
+        if cfg is None:
+            raise JaxcompError(f"{path}: checkpoint has no model config")
+        return LoadedModel(cfg, params, tokenizer, path, "jaxcomp checkpoint")
     if path.endswith(".gguf"):
         from jaxcomp.models import from_hf_config, gguf_loader
 

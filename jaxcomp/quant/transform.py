@@ -51,6 +51,8 @@ def quantize(fmt=None, *, format: str = "int", bits: int | None = 4, group_size=
       >>> q = quantize(int4(group_size=128), rules=[Rule("down_proj", args={"bits": 8})])
       >>> small = q(params)  # doctest: +SKIP
     """
+    if fmt is None:  # fail on a bad format now, not at the first selected leaf
+        format_from_name(format, bits, group_size, symmetric, scale_dtype)
     return leaf_transform(_quantize_leaf, rules, targets=targets, ignore=ignore,
                           progress=progress, desc="quantize", fmt=fmt, format=format, bits=bits,
                           group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype,
