@@ -1,3 +1,34 @@
-"""jaxcomp: make large language models small and keep them good (JAX/Flax)."""
+"""jaxcomp: make large language models small and keep them good (JAX/Flax).
+
+The public API: load a model, compose pure transforms over its param pytree, evaluate, save.
+"""
+
+from jaxcomp import data
+from jaxcomp.checkpoint import load_checkpoint, save_checkpoint
+from jaxcomp.core import CompressedLeaf, Rule, chain, dense, get_transform, tree_size
+from jaxcomp.errors import JaxcompError
+from jaxcomp.eval import perplexity
+from jaxcomp.models import build_model
+from jaxcomp.models.generate import generate
+from jaxcomp.models.hf import export_hf
+from jaxcomp.models.loading import load_model
+from jaxcomp.quant import (
+    QArray,
+    fake_quantize,
+    int2,
+    int3,
+    int4,
+    int8,
+    int_format,
+    minifloat,
+    nf,
+    nf4,
+    quantize,
+)
 
 __version__ = "0.1.0"
+
+__all__ = ["CompressedLeaf", "JaxcompError", "QArray", "Rule", "build_model", "chain", "data",
+           "dense", "export_hf", "fake_quantize", "generate", "get_transform", "int2", "int3",
+           "int4", "int8", "int_format", "load_checkpoint", "load_model", "minifloat", "nf",
+           "nf4", "perplexity", "quantize", "save_checkpoint", "tree_size"]

@@ -10,7 +10,6 @@ import tempfile
 import time
 
 import jax.numpy as jnp
-import numpy as np
 
 from jaxcomp.errors import JaxcompError
 from jaxcomp.recipes import Recipe, recipe_to_yaml

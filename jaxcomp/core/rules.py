@@ -81,7 +81,8 @@ def make_rules(rules=None, *, targets: Sequence[str] = (), ignore: Sequence[str]
             unknown = set(r) - {"pattern", "skip", "args"}
             if unknown or "pattern" not in r:
                 raise JaxcompError(f"rule {dict(r)} must have 'pattern' and only 'skip'/'args'")
-            out.append(Rule(str(r["pattern"]), bool(r.get("skip", False)), dict(r.get("args") or {})))
+            out.append(Rule(str(r["pattern"]), bool(r.get("skip", False)),
+                            dict(r.get("args") or {})))
         else:
             raise JaxcompError(f"rule {r!r} must be a pattern string or a mapping")
     out += [Rule(p) for p in targets]

@@ -42,7 +42,8 @@ def _reader(path: str):
         reader = gguf.GGUFReader(path)
     except Exception as e:  # bad magic, truncated header, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise JaxcompError(f"{path}: not a readable GGUF file, truncated or corrupt ({msg})") from None
+        raise JaxcompError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({msg})") from None
     size = os.path.getsize(path)
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:

@@ -25,7 +25,8 @@ from jaxcomp.models.config import ModelConfig, from_hf_config, to_hf_config
 # Conv1D already stores (in, out).
 _LLAMA_NAMES = [
     (r"model\.embed_tokens\.weight", "embed_tokens/embedding", False),
-    (r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight", "layers_{0}/{1}/{2}/kernel", True),
+    (r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.weight", "layers_{0}/{1}/{2}/kernel",
+     True),
     (r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.bias", "layers_{0}/{1}/{2}/bias", False),
     (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
      "layers_{0}/{1}/scale", False),
@@ -34,8 +35,8 @@ _LLAMA_NAMES = [
 ]
 _GPT2_NAMES = [
     (r"(?:transformer\.)?(wte|wpe)\.weight", "{0}/embedding", False),
-    (r"(?:transformer\.)?h\.(\d+)\.(attn|mlp)\.(c_attn|c_proj|c_fc)\.weight", "h_{0}/{1}/{2}/kernel",
-     False),
+    (r"(?:transformer\.)?h\.(\d+)\.(attn|mlp)\.(c_attn|c_proj|c_fc)\.weight",
+     "h_{0}/{1}/{2}/kernel", False),
     (r"(?:transformer\.)?h\.(\d+)\.(attn|mlp)\.(c_attn|c_proj|c_fc)\.bias", "h_{0}/{1}/{2}/bias",
      False),
     (r"(?:transformer\.)?(h\.(\d+)\.)?(ln_1|ln_2|ln_f)\.weight", None, False),

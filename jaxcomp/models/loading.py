@@ -68,9 +68,8 @@ def load_model(spec: str, param_dtype=np.float32) -> LoadedModel:
     Example:
       >>> m = load_model("smollm2-135m")  # doctest: +SKIP
     """
-    from jaxcomp.models.hf import load_hf_config, params_from_tensors
-
     from jaxcomp.checkpoint import is_checkpoint, load_checkpoint
+    from jaxcomp.models.hf import load_hf_config, params_from_tensors
 
     path = resolve_model_path(spec)
     if is_checkpoint(path):

@@ -101,7 +101,7 @@ def _grouping_name(fmt) -> str:
     return f"g{fmt.group_size}" if fmt.granularity == "group" else fmt.granularity
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def normal_float_values(bits: int) -> tuple[float, ...]:
     """The k-bit NormalFloat codebook (QLoRA's construction; k=4 gives NF4).
 
@@ -121,7 +121,7 @@ def normal_float_values(bits: int) -> tuple[float, ...]:
     return tuple(float(v) for v in values / np.abs(values).max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def float_values(kind: str) -> tuple[float, ...]:
     """Finite values of a minifloat format, enumerated from its bit patterns with ml_dtypes."""
     dtype, bits = {"fp8_e4m3": (ml_dtypes.float8_e4m3fn, 8), "fp8_e5m2": (ml_dtypes.float8_e5m2, 8),

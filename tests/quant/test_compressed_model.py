@@ -169,9 +169,9 @@ def test_cli_bad_quant_args(tiny_llama_dir, tiny_text_file, tmp_path, capsys, ov
 
 
 def test_cli_nan_weights(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
-    from safetensors.numpy import load_file, save_file
-
     import shutil
+
+    from safetensors.numpy import load_file, save_file
 
     broken = tmp_path / "nan_model"
     shutil.copytree(tiny_llama_dir, broken)
