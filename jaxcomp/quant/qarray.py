@@ -94,6 +94,16 @@ class QArray(CompressedLeaf):
         return self.dequantize()
 
     def left_matmul(self, x: jax.Array) -> jax.Array:
+        """``x @ W``: the Pallas kernel where :mod:`jaxcomp.core.dispatch` picks it and the
+        format/shape is supported, else dequantize-then-matmul in XLA."""
+        from jaxcomp.core.dispatch import kernel_backend
+
+        backend = kernel_backend()
+        if backend is not None:
+            from pallas_kernels.qmatmul import qmatmul, supported
+
+            if supported(self, x.shape, backend):
+                return qmatmul(x, self, backend)
         # Without a data dependency on x, XLA schedules every layer's dequantization at the
         # start of the program and keeps a dense copy of the whole model alive (measured:
         # 434 MB of temps for SmolLM2 vs 12 MB dense). Adding 0 * x[0] to the scales (not
