@@ -6,16 +6,18 @@ So code plane ``j`` is ``(packed >> j*bits) & mask``, a ``(K/P, N)`` matrix that
 the activation columns ``x[:, j::P]``; ``ops.py`` splits x into those planes (cheap: x is small)
 and the kernel never interleaves rows (Triton has no value slicing or interleave).
 
-Grid: ``(M / block_m, N / block_n)``; each program loops over K in steps of one scale group
-(``block_k`` rows of K, ``block_k / P`` packed rows), dequantizing a ``(block_k/P, block_n)``
-tile per plane in the activation dtype and accumulating ``x_j @ w_j`` in float32. Weights are
-streamed exactly once per M block, which is what decode (M <= 16) needs.
+Grid: ``(M / block_m, N / block_n, split_k)``; each program loops over its share of K in steps
+of one scale group (``block_k`` rows of K, ``block_k / P`` packed rows), dequantizing a
+``(block_k/P, block_n)`` tile per plane in the activation dtype and accumulating ``x_j @ w_j``
+in float32; the ``split_k`` partial sums are added by XLA. Weights are streamed exactly once
+per M block, which is what decode (M <= 16) needs; split-K gives decode enough programs to
+occupy every SM.
 
 Backends: GPU lowers through Pallas' **Triton** backend (selected explicitly with
 ``pallas.triton.CompilerParams``; Mosaic GPU is jax's default), TPU through Mosaic TPU, and
 CPU runs it with ``interpret=True`` for correctness. Integer shifts are done in int32 (Triton
-rejects pointwise ops on 8-bit ints); the per-step scale row is picked with a one-hot reduction
-instead of a dynamic single-row slice.
+rejects pointwise ops on 8-bit ints), and every loaded tile has power-of-two dimensions (Triton
+requires it; the number of groups need not be one: each step loads its one scale row).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Tiling:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    min_programs: int = 1  # split K until the grid has this many programs (decode: fill SMs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,35 +72,34 @@ def _dequant_tile(code, scale, zero, kf: KernelFormat, dtype):
 
 def _kernel(x_ref, p_ref, s_ref, z_ref, o_ref, *, kf: KernelFormat, num_steps: int):
     rows = kf.block_k // kf.planes  # packed rows per step
+    first = pl.program_id(2) * num_steps  # this program's share of K (split-K)
     mask = (1 << kf.bits) - 1
-    num_groups = s_ref.shape[0]
-    groups = jax.lax.broadcasted_iota(jnp.int32, (num_groups, 1), 0)
 
-    def pick(ref, i):  # row i of a (G, bn) block, as (1, bn) float32
+    def row(ref, i):  # this step's (1, bn) scale or zero-point row, as float32
         if ref is None:
             return None
-        block = ref[...].astype(jnp.float32)
-        if not kf.grouped:
-            return block
-        return jnp.sum(jnp.where(groups == i, block, 0.0), axis=0, keepdims=True)
+        return ref[pl.ds(i if kf.grouped else 0, 1), :].astype(jnp.float32)
 
     def step(i, acc):
+        i = first + i
         start = pl.multiple_of(i * rows, rows)
         packed = p_ref[pl.ds(start, rows), :].astype(jnp.int32)
-        scale, zero = pick(s_ref, i), pick(z_ref, i)
+        scale, zero = row(s_ref, i), row(z_ref, i)
         for j in range(kf.planes):
             code = (packed >> (j * kf.bits)) & mask if kf.planes > 1 else packed
             x = x_ref[j, :, pl.ds(start, rows)]
             w = _dequant_tile(code, scale, zero, kf, x.dtype)
-            acc += jnp.dot(x, w, preferred_element_type=jnp.float32)
+            # HIGHEST keeps f32 activations in f32 on GPUs (no TF32 rounding).
+            acc += jnp.dot(x, w, preferred_element_type=jnp.float32,
+                           precision=jax.lax.Precision.HIGHEST)
         return acc
 
     acc = jax.lax.fori_loop(0, num_steps, step, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    o_ref[...] = acc
 
 
 def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Tiling, *,
-                   backend: str, out_dtype):
+                   backend: str, split_k: int = 1):
     """Runs the kernel on pre-split activations.
 
     Args:
@@ -107,23 +109,23 @@ def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Ti
       scales: (G, N) scales; zeros: (G, N) zero points or ``None``.
       kf: the format; tiling: tile sizes.
       backend: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic) or ``"interpret"``.
-      out_dtype: output dtype.
+      split_k: number of K chunks (must divide the number of K steps).
 
     Returns:
-      (M, N) ``x @ dequant(W)``.
+      (M, N) float32 ``x @ dequant(W)``.
     """
     planes, m, kp = x_planes.shape
     n = packed.shape[1]
     bm, bn = tiling.block_m, tiling.block_n
-    num_steps = kp // (kf.block_k // kf.planes)
+    num_steps = kp // (kf.block_k // kf.planes) // split_k
     in_specs = [
-        pl.BlockSpec((planes, bm, kp), lambda i, j: (0, i, 0)),
-        pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
-        pl.BlockSpec((scales.shape[0], bn), lambda i, j: (0, j)),
+        pl.BlockSpec((planes, bm, kp), lambda i, j, s: (0, i, 0)),
+        pl.BlockSpec((kp, bn), lambda i, j, s: (0, j)),
+        pl.BlockSpec((scales.shape[0], bn), lambda i, j, s: (0, j)),
     ]
     args = [x_planes, packed, scales]
     if zeros is not None:
-        in_specs.append(pl.BlockSpec((zeros.shape[0], bn), lambda i, j: (0, j)))
+        in_specs.append(pl.BlockSpec((zeros.shape[0], bn), lambda i, j, s: (0, j)))
         args.append(zeros)
         kernel = functools.partial(_kernel, kf=kf, num_steps=num_steps)
     else:
@@ -139,14 +141,15 @@ def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Ti
         from jax.experimental.pallas import tpu as pltpu
 
         params["compiler_params"] = pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"))
-    return pl.pallas_call(
+            dimension_semantics=("parallel", "parallel", "parallel"))
+    partial = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(m // bm, n // bn),
+        out_shape=jax.ShapeDtypeStruct((split_k, m, n), jnp.float32),
+        grid=(m // bm, n // bn, split_k),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
         interpret=backend == "interpret",
         name=f"qmatmul_{'cb' if kf.codebook else 'int'}{kf.bits}",
         **params,
     )(*args)
+    return partial[0] if split_k == 1 else partial.sum(axis=0)

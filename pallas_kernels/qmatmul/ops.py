@@ -17,8 +17,9 @@ import numpy as np
 from pallas_kernels.qmatmul.kernel import KernelFormat, Tiling, qmatmul_planes
 
 TILINGS: dict[str, dict[str, Tiling]] = {
-    "gpu": {"decode": Tiling(16, 64, num_warps=4, num_stages=4),
-            "prefill": Tiling(64, 128, num_warps=4, num_stages=3)},
+    # H100: 132 SMs; decode splits K until about two programs per SM.
+    "gpu": {"decode": Tiling(16, 64, num_warps=4, num_stages=4, min_programs=264),
+            "prefill": Tiling(128, 128, num_warps=8, num_stages=3)},
     # TPU: blocks' last two dims must be multiples of (8, 128) (16 rows for bf16).
     "tpu": {"decode": Tiling(16, 128), "prefill": Tiling(128, 128)},
     "interpret": {"decode": Tiling(16, 64), "prefill": Tiling(64, 128)},
@@ -57,7 +58,8 @@ def _tiling(backend: str, m: int, n: int) -> Tiling | None:
         if backend == "tpu" and block_n % 128:
             break
         if n % block_n == 0:
-            return Tiling(tiling.block_m, block_n, tiling.num_warps, tiling.num_stages)
+            return Tiling(tiling.block_m, block_n, tiling.num_warps, tiling.num_stages,
+                          tiling.min_programs)
     return None
 
 
@@ -68,6 +70,14 @@ def supported(q, x_shape, backend: str) -> bool:
     m = int(np.prod(x_shape[:-1]))
     return (kf is not None and backend in TILINGS and k >= kf.block_k
             and _tiling(backend, m, n) is not None)
+
+
+def _split_k(tiling: Tiling, programs: int, steps: int) -> int:
+    """Smallest divisor of the K steps that brings the grid to ``tiling.min_programs``."""
+    for split in range(1, min(steps, 8) + 1):
+        if steps % split == 0 and programs * split >= tiling.min_programs:
+            return split
+    return max(d for d in range(1, min(steps, 8) + 1) if steps % d == 0)
 
 
 def _split_planes(x, planes: int):
@@ -93,13 +103,15 @@ def _forward(x2, q, backend: str):
     y = qmatmul_planes(
         _split_planes(xp, kf.planes), q.packed[:main_rows], scales[:groups],
         None if zeros is None else zeros[:groups], kf, tiling, backend=backend,
-        out_dtype=jnp.float32)[:m]
+        split_k=_split_k(tiling, (m + pad) // tiling.block_m * (n // tiling.block_n),
+                         k_main // kf.block_k))[:m]
     if k_main < k:  # the short last group through XLA
         tail = QArray(q.packed[main_rows:], scales[groups:] if kf.grouped else scales,
                       None if zeros is None else (zeros[groups:] if kf.grouped else zeros),
                       q.fmt, (k - k_main, n), q.orig_dtype)
         y = y + jnp.matmul(x2[:, k_main:], tail.dequantize(x2.dtype),
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=jnp.float32,
+                           precision=jax.lax.Precision.HIGHEST)
     return y.astype(x2.dtype)
 
 

@@ -61,6 +61,9 @@ def main():
     ap.add_argument("--ms", type=int, nargs="*", default=[1, 8, 512])
     ap.add_argument("--peak-gbs", type=float, default=3350.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true",
+                    help="time decode tilings (block_n x warps x stages x min_programs) for "
+                         "int4_g128 at M=1 instead of the table")
     args = ap.parse_args()
     backend = kernel_backend() or "interpret"
     on_accel = backend in ("gpu", "tpu")
@@ -73,6 +76,8 @@ def main():
         if out:
             out.write(json.dumps(row) + "\n")
 
+    if args.sweep:
+        return sweep(args, backend, device, emit)
     for name in args.formats:  # correctness first, on a small odd-tailed shape
         q = quantize_array(rng.normal(size=(576, 256)).astype(np.float32), FORMATS[name])
         x = rng.normal(size=(3, 576)).astype(np.float32)
@@ -104,6 +109,25 @@ def main():
                       "bf16_weight_gbs": k * n * 2 / t_dense / 1e9,
                       "kernel_frac_of_peak": None if t_kernel is None else
                       q.nbytes / t_kernel / 1e9 / args.peak_gbs})
+
+
+def sweep(args, backend, device, emit):
+    import itertools
+
+    import pallas_kernels.qmatmul.ops as ops
+    from pallas_kernels.qmatmul.kernel import Tiling
+
+    rng = np.random.default_rng(0)
+    for k, n in SHAPES:
+        q = quantize_array(rng.normal(size=(k, n)).astype(np.float32), int4(128))
+        x = jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)
+        for bn, warps, stages, programs in itertools.product((32, 64, 128), (2, 4, 8), (2, 4),
+                                                             (132, 264, 528)):
+            ops.TILINGS[backend]["decode"] = Tiling(16, bn, warps, stages, programs)
+            t = time_op(lambda x, q: qmatmul(x, q, backend), x, q, args.reps)
+            emit({"sweep": "int4_g128", "M": 1, "K": k, "N": n, "block_n": bn,
+                  "num_warps": warps, "num_stages": stages, "min_programs": programs,
+                  "kernel_us": t * 1e6, "device": device})
 
 
 if __name__ == "__main__":

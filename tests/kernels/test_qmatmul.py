@@ -1,0 +1,132 @@
+"""Pallas qmatmul: interpret mode against the float64 reference, lowering for GPU and TPU."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxcomp.core.dispatch import kernel_backend, matmul_impl, use_matmul_impl
+from jaxcomp.quant import int2, int4, int8, int_format, minifloat, nf4, quantize_array
+from pallas_kernels.qmatmul import qmatmul, supported
+from pallas_kernels.qmatmul.ops import kernel_format
+from pallas_kernels.qmatmul.reference import dequantize_np, qmatmul_reference
+
+FORMATS = {
+    "int4_g128": int4(128), "int4_sym_g32": int4(32, symmetric=True), "int8_channel": int8(),
+    "int8_g64": int_format(8, 64), "int2_g64": int2(64), "nf4_g64": nf4(64),
+    "fp4_g32": minifloat("fp4", 32),
+}
+
+
+def _tol(dtype):
+    return {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}[dtype]
+
+
+@settings(max_examples=12, deadline=None)
+@given(fmt=st.sampled_from(list(FORMATS)), k_groups=st.integers(1, 4),
+       tail=st.sampled_from([0, 64]), n_blocks=st.integers(1, 3), m=st.sampled_from([1, 5, 70]),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16]), seed=st.integers(0, 1000))
+def test_interpret_matches_reference(fmt, k_groups, tail, n_blocks, m, dtype, seed):
+    fmt = FORMATS[fmt]
+    kf_rows = fmt.group_size if fmt.granularity == "group" else 256
+    k, n = kf_rows * k_groups + tail, 64 * n_blocks
+    rng = np.random.default_rng(seed)
+    q = quantize_array(rng.normal(size=(k, n)).astype(np.float32), fmt)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    assert supported(q, x.shape, "interpret")
+    y = qmatmul(jnp.asarray(x, dtype), q, "interpret")
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = qmatmul_reference(np.asarray(jnp.asarray(x, dtype), np.float64), q)
+    err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= _tol(dtype), err
+
+
+def test_reference_agrees_with_qarray():
+    rng = np.random.default_rng(0)
+    for fmt in FORMATS.values():
+        q = quantize_array(rng.normal(size=(200, 24)).astype(np.float32), fmt)
+        np.testing.assert_allclose(dequantize_np(q), np.asarray(q.materialize()), rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_unsupported_formats_fall_back():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(256, 64)).astype(np.float32)
+    assert kernel_format(quantize_array(w, int_format(3, 128))) is None  # 3 bits straddle bytes
+    assert kernel_format(quantize_array(w, minifloat("fp8_e4m3", 32))) is None  # 253 codes
+    assert kernel_format(quantize_array(w, int4(16))) is None  # 8 rows per plane: too few
+    q = quantize_array(w, int4(128))
+    assert not supported(q, (1, 256), "gpu") or q.orig_shape[1] % 32 == 0
+    with pytest.raises(ValueError, match="does not support"):
+        qmatmul(jnp.ones((1, 256)), quantize_array(w, int_format(3, 128)), "interpret")
+
+
+def test_gradient_wrt_activations():
+    rng = np.random.default_rng(2)
+    q = quantize_array(rng.normal(size=(256, 64)).astype(np.float32), int4(128))
+    x = jnp.asarray(rng.normal(size=(3, 256)), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(qmatmul(x, q, "interpret") ** 2))(x)
+    want = jax.grad(lambda x: jnp.sum((x @ q.materialize()) ** 2))(x)
+    # Relative to the largest entry: elementwise rtol is meaningless where sums cancel.
+    assert float(jnp.abs(g - want).max() / jnp.abs(want).max()) <= 1e-5
+
+
+# Every kernel and tiling lowers for Triton (GPU) and Mosaic (TPU) on this CPU; shapes include
+# a non-power-of-two number of groups (Triton needs power-of-two tiles) and a short tail group.
+LOWERING_CASES = [(fmt, k, n, m) for fmt in ("int4_g128", "int8_channel", "int2_g64", "nf4_g64")
+                  for (k, n) in ((4096, 4096), (11008, 4096), (576, 1536)) for m in (1, 512)]
+
+
+@pytest.mark.parametrize("fmt, k, n, m", LOWERING_CASES)
+@pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_lowers_for_accelerators(fmt, k, n, m, platform, backend):
+    q = quantize_array(np.zeros((k, n), np.float32), FORMATS[fmt])
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    if not supported(q, x.shape, backend):
+        pytest.skip(f"{fmt} {k}x{n} M={m}: XLA path on {backend} by design")
+    text = jax.jit(lambda x, q: qmatmul(x, q, backend)).trace(x, q).lower(
+        lowering_platforms=(platform,)).as_text()
+    target = "triton" if backend == "gpu" else "tpu_custom_call"
+    assert re.search(target, text), f"no {target} call in the lowered module"
+
+
+def test_dispatch_switch(monkeypatch):
+    monkeypatch.delenv("JAXCOMP_MATMUL", raising=False)
+    assert matmul_impl() == "auto" and kernel_backend() is None  # CPU: XLA
+    with use_matmul_impl("pallas"):
+        assert kernel_backend() == "interpret"
+        q = quantize_array(np.ones((256, 64), np.float32), int4(128))
+        jaxpr = jax.make_jaxpr(lambda x, q: q.left_matmul(x))(jnp.ones((1, 256)), q)
+        assert "pallas_call" in str(jaxpr)
+    monkeypatch.setenv("JAXCOMP_MATMUL", "xla")
+    assert kernel_backend() is None
+    monkeypatch.setenv("JAXCOMP_MATMUL", "bogus")
+    with pytest.raises(ValueError, match="JAXCOMP_MATMUL"):
+        matmul_impl()
+
+
+@pytest.mark.slow
+def test_w4_smollm2_kernel_path_equals_xla():
+    from jaxcomp.errors import JaxcompError
+    from jaxcomp.models import build_model
+    from jaxcomp.models.loading import load_model
+    from jaxcomp.quant import quantize
+
+    try:
+        m = load_model("smollm2-135m")
+    except JaxcompError as e:
+        pytest.skip(str(e))
+    q = quantize(int4(128))(m.params)
+    model = build_model(m.config)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 49152, (1, 8)))
+    forward = lambda p, t: model.apply({"params": p}, t)  # noqa: E731
+    with use_matmul_impl("xla"):
+        want = np.asarray(jax.jit(forward)(q, tokens))
+    with use_matmul_impl("pallas"):
+        assert str(jax.make_jaxpr(forward)(q, tokens)).count("pallas_call") == 210
+        got = np.asarray(jax.jit(forward)(q, tokens))
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
