@@ -7,7 +7,9 @@
 * ``xla``: always the XLA dequantize-then-matmul path;
 * ``pallas``: the kernel wherever supported, in interpret mode on CPU (tests, debugging).
 
-The choice is read at trace time, so it applies to functions jitted afterwards.
+The choice is read at trace time. jit caches traces by function, not by this switch, so
+:func:`use_matmul_impl` clears jax's caches when it is entered and left: code inside the block
+is traced afresh with the chosen path (switching is for tests and benchmarks, not hot loops).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ def use_matmul_impl(impl: str):
     if impl not in IMPLS:
         raise ValueError(f"matmul impl must be one of {IMPLS}, got {impl!r}")
     token = _override.set(impl)
+    jax.clear_caches()
     try:
         yield
     finally:
         _override.reset(token)
+        jax.clear_caches()
 
 
 def kernel_backend() -> str | None:

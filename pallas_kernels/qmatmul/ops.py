@@ -3,7 +3,8 @@
 ``qmatmul(x, q)`` computes ``x @ q.materialize()`` for a ``QArray`` ``q`` with the Pallas
 kernel on the rows of K that fill whole steps, and the XLA dequantize path for the short tail
 group (SmolLM2's 576 = 4*128 + 64). Tile sizes are data (``TILINGS``), per backend and regime:
-decode (M <= 16: memory-bound, one M block streams the weights once) and prefill.
+decode (M <= 16: memory-bound, one M block streams the weights once) and prefill; a regime
+without a tiling on a backend goes to the XLA path.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 from pallas_kernels.qmatmul.kernel import KernelFormat, Tiling, qmatmul_planes
 
 TILINGS: dict[str, dict[str, Tiling]] = {
-    # H100: 132 SMs; decode splits K until about two programs per SM.
-    "gpu": {"decode": Tiling(16, 64, num_warps=4, num_stages=4, min_programs=264),
-            "prefill": Tiling(128, 128, num_warps=8, num_stages=3)},
+    # H100 decode, from `scripts/bench/kernels.py --sweep` (BENCHMARKS.md): 64-column blocks,
+    # 8 warps, 4 stages, K split until about four programs per SM (132 SMs). No GPU prefill
+    # tiling: measured slower than XLA's dequantize + cuBLAS matmul, so prefill takes XLA.
+    "gpu": {"decode": Tiling(16, 64, num_warps=8, num_stages=4, min_programs=528)},
     # TPU: blocks' last two dims must be multiples of (8, 128) (16 rows for bf16).
     "tpu": {"decode": Tiling(16, 128), "prefill": Tiling(128, 128)},
     "interpret": {"decode": Tiling(16, 64), "prefill": Tiling(64, 128)},
@@ -53,7 +55,9 @@ def kernel_format(q) -> KernelFormat | None:
 
 
 def _tiling(backend: str, m: int, n: int) -> Tiling | None:
-    tiling = TILINGS[backend]["decode" if m <= DECODE_MAX_M else "prefill"]
+    tiling = TILINGS[backend].get("decode" if m <= DECODE_MAX_M else "prefill")
+    if tiling is None:
+        return None
     for block_n in (tiling.block_n, 64, 32):
         if backend == "tpu" and block_n % 128:
             break

@@ -97,11 +97,14 @@ def test_lowers_for_accelerators(fmt, k, n, m, platform, backend):
 def test_dispatch_switch(monkeypatch):
     monkeypatch.delenv("JAXCOMP_MATMUL", raising=False)
     assert matmul_impl() == "auto" and kernel_backend() is None  # CPU: XLA
+    q = quantize_array(np.ones((256, 64), np.float32), int4(128))
+    f = jax.jit(lambda x, q: q.left_matmul(x))
+    x = jnp.ones((1, 256))
+    assert "pallas_call" not in str(f.trace(x, q).jaxpr)
     with use_matmul_impl("pallas"):
         assert kernel_backend() == "interpret"
-        q = quantize_array(np.ones((256, 64), np.float32), int4(128))
-        jaxpr = jax.make_jaxpr(lambda x, q: q.left_matmul(x))(jnp.ones((1, 256)), q)
-        assert "pallas_call" in str(jaxpr)
+        assert "pallas_call" in str(f.trace(x, q).jaxpr)  # the same function, traced afresh
+    assert "pallas_call" not in str(f.trace(x, q).jaxpr)
     monkeypatch.setenv("JAXCOMP_MATMUL", "xla")
     assert kernel_backend() is None
     monkeypatch.setenv("JAXCOMP_MATMUL", "bogus")
