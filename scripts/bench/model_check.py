@@ -30,7 +30,11 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--precision", default="highest",
+                    help="jax default matmul precision: 'highest' so XLA's f32 matmuls on GPU "
+                         "do not use TF32 (the kernel accumulates f32 exactly)")
     args = ap.parse_args()
+    jax.config.update("jax_default_matmul_precision", args.precision)
     h = args.hidden
     cfg = ModelConfig("llama", "llama", 32000, h, int(h * 2.6875) // 128 * 128, args.layers,
                       h // 64, h // 64, 64, 4096, 1e-5)
@@ -52,6 +56,7 @@ def main():
                 "pallas_call")
     rel = float(np.abs(out["pallas"] - out["xla"]).max() / np.abs(out["xla"]).max())
     print(json.dumps({"layers": args.layers, "hidden": h, "tokens": args.tokens,
+                      "precision": args.precision,
                       "device": jax.devices()[0].device_kind, "max_rel_diff": rel,
                       "xla_forward_ms": out["xla_ms"], "pallas_forward_ms": out["pallas_ms"],
                       "pallas_calls": out["pallas_pallas_calls"]}))

