@@ -206,7 +206,7 @@ def read_gguf_config(path):
 
     Example:
       >>> cfg = read_gguf_config("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
-      >>> cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.tie_word_embeddings
+      >>> cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.tie_word_embeddings  # doctest: +SKIP
       (30, 3, True)
     """
     import transformers
@@ -333,7 +333,7 @@ def _can_dequantize(qtype) -> bool:
 
     if qtype.name == "F64":
         return True
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    _, type_size = GGML_QUANT_SIZES[qtype]
     try:  # one all-zero block: cheap, and asks gguf itself rather than a list kept here
         dequantize(np.zeros((1, type_size), np.uint8), qtype)
     except NotImplementedError:
@@ -363,7 +363,7 @@ def iter_gguf_tensors(path, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]
     ``q_proj``/``k_proj`` rows are put back into HF's order (:func:`unpermute_qk`), so they
     work with HF's rotate-half RoPE. ``lm_head.weight`` appears only when the file has an
     ``output.weight`` (otherwise the embeddings are tied). The whole file (architecture, names,
-    types, sizes) is checked before the first tensor is yielded.
+    types, sizes) is checked when this function is called, before any tensor is produced.
 
     Args:
       path: a ``.gguf`` file whose ``general.architecture`` is ``"llama"``.
@@ -378,11 +378,11 @@ def iter_gguf_tensors(path, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]
 
     Example:
       >>> tensors = dict(iter_gguf_tensors("SmolLM2-135M-Instruct.Q4_1.gguf"))  # doctest: +SKIP
-      >>> tensors["model.layers.0.self_attn.k_proj.weight"].shape
+      >>> tensors["model.layers.0.self_attn.k_proj.weight"].shape  # doctest: +SKIP
       (192, 576)
     """
     dtype = np.dtype(dtype)
-    if dtype.kind in "biuOSU":
+    if dtype.kind in "biucmMOSU":
         raise ValueError(f"dtype must be a floating type, got {dtype}")
     reader = _open(path)
     _check_arch(reader, path)
@@ -412,6 +412,10 @@ def iter_gguf_tensors(path, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]
                                f"split into {heads} heads of even size")
         plan.append((t, name, heads))
 
+    return _dequantized(plan, path, dtype)
+
+
+def _dequantized(plan, path, dtype) -> Iterator[tuple[str, np.ndarray]]:
     for t, name, heads in plan:
         values = _dequantize(t, path)
         if heads is not None:
@@ -442,7 +446,7 @@ def load_gguf_tokenizer(path):
 
     Example:
       >>> tok = load_gguf_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
-      >>> tok.decode(tok("Hello world")["input_ids"])
+      >>> tok.decode(tok("Hello world")["input_ids"])  # doctest: +SKIP
       'Hello world'
     """
     reader = _open(path)
