@@ -8,6 +8,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import jax.numpy as jnp
 
@@ -56,6 +57,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         windows = _eval_windows(recipe, loaded.tokenizer)
         params = loaded.params
         params_before, bytes_before = tree_size(params)
+        notes: list[str] = []
         before = _timed(seconds, "eval_before", perplexity, model, params, windows,
                         recipe.eval.batch_size, progress, "eval (before)")
         for i, stage in enumerate(recipe.stages):
@@ -64,7 +66,12 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
                 transform = factory(**stage.args, rules=stage.rules)
             except TypeError as e:  # an argument the transform does not take
                 raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
-            params = _timed(seconds, f"stage{i}:{stage.transform}", transform, params)
+            with warnings.catch_warnings(record=True) as caught:  # e.g. a rule matching nothing
+                warnings.simplefilter("always")
+                params = _timed(seconds, f"stage{i}:{stage.transform}", transform, params)
+            for w in caught:
+                notes.append(f"stages.{i} ({stage.transform}): {w.message}")
+                print(f"warning: {notes[-1]}", file=sys.stderr)
         params_after, bytes_after = tree_size(params)
         if recipe.stages:
             after = _timed(seconds, "eval_after", perplexity, model, params, windows,
@@ -90,6 +97,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "eval_tokens": before.tokens,
             "eval_tokens_per_s": round(before.tokens_per_s, 1),
             "seconds": seconds,
+            "warnings": notes,
         }
         if recipe.save_checkpoint:
             from jaxcomp.checkpoint import save_checkpoint

@@ -150,6 +150,18 @@ def test_cli_quantize_recipe(tiny_llama_dir, tiny_text_file, tmp_path):
     assert "stage0:quantize" in report["seconds"]
 
 
+def test_cli_reports_unmatched_rules(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "w4"
+    assert main(["recipe=smollm2_w4g128_rtn", f"model={tiny_llama_dir}",
+                 f"eval.corpus=text:{tiny_text_file}", "eval.seq_len=32",
+                 "stages.0.args.group_size=32",
+                 "stages.0.rules=[{pattern: no_such_layer, args: {bits: 8}}]",
+                 f"out_dir={out}"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert any("no_such_layer" in w for w in report["warnings"])
+    assert "no_such_layer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override, needle", [
     ("stages.0.args.bits=9", "bits in 2..8"),
     ("stages.0.args.bits=1", "bits in 2..8"),
