@@ -33,8 +33,10 @@ def _leaf_types() -> dict[str, type]:
     # Every compressed leaf and format type a checkpoint may hold, by class name.
     from jaxcomp.quant.formats import CodebookFormat, IntFormat
     from jaxcomp.quant.qarray import QArray
+    from jaxcomp.tensornet import KronMatrix, LowRank, TTMatrix
 
-    return {c.__name__: c for c in (QArray, IntFormat, CodebookFormat)}
+    return {c.__name__: c for c in (QArray, IntFormat, CodebookFormat, TTMatrix, KronMatrix,
+                                    LowRank)}
 
 
 def _encode(value):
@@ -72,6 +74,49 @@ def _pop(tree: dict, path: str):
     return tree.pop(leaf)
 
 
+def _flatten_leaf(value, path: str, arrays: dict):
+    """A compressed leaf's spec for the manifest; its arrays go into ``arrays`` under ``path``.
+
+    Nested leaves (quantized TT cores) and tuples of arrays (TT cores) recurse.
+    """
+    if isinstance(value, CompressedLeaf):
+        spec = {"type": type(value).__name__, "static": {}, "fields": {}}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if not f.metadata.get("pytree_node", True):
+                spec["static"][f.name] = _encode(v)
+            else:
+                spec["fields"][f.name] = _flatten_leaf(v, f"{path}/{f.name}", arrays)
+        return spec
+    if value is None:
+        return None
+    if isinstance(value, (tuple, list)):
+        return {"seq": [_flatten_leaf(v, f"{path}/{i}", arrays) for i, v in enumerate(value)]}
+    _put(arrays, path, value)
+    return "array"
+
+
+def _unflatten_leaf(spec, path: str, tree: dict):
+    if spec is None:
+        return None
+    if spec == "array":
+        return _pop(tree, path)
+    if "seq" in spec:
+        return tuple(_unflatten_leaf(s, f"{path}/{i}", tree) for i, s in enumerate(spec["seq"]))
+    fields = {k: _unflatten_leaf(v, f"{path}/{k}", tree) for k, v in spec["fields"].items()}
+    fields.update({k: _decode(v) for k, v in spec["static"].items()})
+    return _leaf_types()[spec["type"]](**fields)
+
+
+def _pop_empty(tree: dict, path: str) -> None:
+    """Removes the (now empty) dict a leaf's fields were restored from."""
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree[p]
+    if tree.get(leaf) == {}:
+        del tree[leaf]
+
+
 def save_checkpoint(path: str, params, config: ModelConfig | None = None, tokenizer=None) -> None:
     """Writes ``params`` (plain or compressed leaves) to a new directory ``path``.
 
@@ -92,23 +137,14 @@ def save_checkpoint(path: str, params, config: ModelConfig | None = None, tokeni
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0]:
         p = path_str(keypath)
         if isinstance(leaf, CompressedLeaf):
-            spec = {"type": type(leaf).__name__, "static": {}, "none": []}
-            for f in dataclasses.fields(leaf):
-                value = getattr(leaf, f.name)
-                if not f.metadata.get("pytree_node", True):
-                    spec["static"][f.name] = _encode(value)
-                elif value is None:
-                    spec["none"].append(f.name)
-                else:
-                    _put(arrays, f"{p}/{f.name}", value)
-            leaves[p] = spec
+            leaves[p] = _flatten_leaf(leaf, p, arrays)
         else:
             _put(arrays, p, leaf)
     os.makedirs(path)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, "params"), arrays)
     checkpointer.wait_until_finished()
-    manifest = {"format": "jaxcomp-checkpoint", "version": 1, "leaves": leaves,
+    manifest = {"format": "jaxcomp-checkpoint", "version": 2, "leaves": leaves,
                 "config": None if config is None else dataclasses.asdict(config)}
     with open(os.path.join(path, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -138,12 +174,13 @@ def load_checkpoint(path: str):
         tree = ocp.StandardCheckpointer().restore(os.path.join(path, "params"))
     except Exception as e:
         raise JaxcompError(f"{path}: cannot restore params ({type(e).__name__})") from None
-    types = _leaf_types()
+    if manifest.get("version") != 2:
+        raise JaxcompError(f"{path}: checkpoint format version {manifest.get('version')} is not "
+                           "supported (this jaxcomp writes and reads version 2)")
     for p, spec in manifest["leaves"].items():
-        fields = _pop(tree, p)
-        fields.update({name: None for name in spec["none"]})
-        fields.update({k: _decode(v) for k, v in spec["static"].items()})
-        _put(tree, p, types[spec["type"]](**fields))
+        leaf = _unflatten_leaf(spec, p, tree)
+        _pop_empty(tree, p)
+        _put(tree, p, leaf)
     config = manifest.get("config")
     if config is not None:
         config["rope_scaling"] = tuple(tuple(kv) for kv in config["rope_scaling"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -33,6 +34,16 @@ def _eval_windows(recipe: Recipe, tokenizer):
     return eval_windows(tokens, recipe.eval.seq_len, recipe.eval.max_tokens or None)
 
 
+def _calibration_windows(recipe: Recipe, tokenizer):
+    from jaxcomp.data import calib_tokens, sample_calibration
+
+    if tokenizer is None:
+        raise JaxcompError(f"model {recipe.model} has no tokenizer; calibration needs one")
+    tokens = calib_tokens(tokenizer, recipe.calib.corpus)
+    return sample_calibration(tokens, recipe.calib.num_samples, recipe.calib.seq_len,
+                              seed=recipe.seed)
+
+
 def run(recipe: Recipe, progress: bool = True) -> dict:
     """Runs a recipe end to end and returns the report dict.
 
@@ -43,6 +54,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     from jaxcomp.eval import perplexity
     from jaxcomp.models import build_model
     from jaxcomp.models.loading import load_model
+    from jaxcomp.tensornet import non_embedding_params
 
     out_dir = os.path.abspath(recipe.out_dir)
     parent = os.path.dirname(out_dir)
@@ -57,18 +69,31 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         windows = _eval_windows(recipe, loaded.tokenizer)
         params = loaded.params
         params_before, bytes_before = tree_size(params)
+        non_embedding_before = non_embedding_params(params)
         notes: list[str] = []
         before = _timed(seconds, "eval_before", perplexity, model, params, windows,
                         recipe.eval.batch_size, progress, "eval (before)")
+        profiles: dict[str, dict] = {}
         for i, stage in enumerate(recipe.stages):
             factory = get_transform(stage.transform)
+            extra = {}
+            if "profile_sink" in inspect.signature(factory).parameters:
+                extra["profile_sink"] = lambda prof, i=i: _save_profile(prof, tmp, i, profiles)
             try:
-                transform = factory(**stage.args, rules=stage.rules)
+                transform = factory(**stage.args, rules=stage.rules, **extra)
             except TypeError as e:  # an argument the transform does not take
                 raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
+            args = ()
+            if getattr(transform, "needs_calibration", False):
+                # Statistics of the current (already compressed upstream) params.
+                from jaxcomp.calib import collect_input_stats
+
+                calib = _calibration_windows(recipe, loaded.tokenizer)
+                args = (_timed(seconds, f"stage{i}:calibration", collect_input_stats, model,
+                               params, calib, recipe.eval.batch_size, progress),)
             with warnings.catch_warnings(record=True) as caught:  # e.g. a rule matching nothing
                 warnings.simplefilter("always")
-                params = _timed(seconds, f"stage{i}:{stage.transform}", transform, params)
+                params = _timed(seconds, f"stage{i}:{stage.transform}", transform, params, *args)
             for w in caught:
                 notes.append(f"stages.{i} ({stage.transform}): {w.message}")
                 print(f"warning: {notes[-1]}", file=sys.stderr)
@@ -89,6 +114,10 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,
             "bits_per_param": 8 * bytes_after / params_before,
+            "non_embedding_params_before": non_embedding_before,
+            "non_embedding_params_after": non_embedding_params(params),
+            "non_embedding_reduction": round(1 - non_embedding_params(params)
+                                             / non_embedding_before, 4),
             "ppl_before": before.ppl,
             "ppl_after": after.ppl,
             "eval_corpus": recipe.eval.corpus,
@@ -98,6 +127,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "eval_tokens_per_s": round(before.tokens_per_s, 1),
             "seconds": seconds,
             "warnings": notes,
+            "sensitivity": profiles,
         }
         if recipe.save_checkpoint:
             from jaxcomp.checkpoint import save_checkpoint
@@ -121,6 +151,20 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         raise
 
 
+def _save_profile(profile, out_dir: str, stage: int, summary: dict) -> None:
+    """Writes a stage's sensitivity profile (JSON + PNG) and keeps its summary for the report."""
+    stage_dir = os.path.join(out_dir, f"sensitivity_stage{stage}")
+    os.makedirs(stage_dir, exist_ok=True)
+    files = profile.save(stage_dir)
+    summary[f"stage{stage}"] = {
+        "method": profile.method, "metric": profile.metric,
+        "budget_params": profile.budget, "removed_params": profile.removed,
+        "matrices_left_dense": sum(k is None for k in profile.allocation.values()),
+        "depth_trend": profile.depth_trend(),
+        "files": [os.path.relpath(f, out_dir) for f in files],
+    }
+
+
 def _replace_dir(src: str, dst: str) -> None:
     """Renames ``src`` to ``dst``, replacing an existing ``dst`` only once ``src`` is complete."""
     if os.path.exists(dst):
@@ -141,6 +185,7 @@ def format_report(report: dict) -> str:
         ("params before / after", f"{report['params_before']:,} / {report['params_after']:,}"),
         ("bytes before / after", f"{report['bytes_before']:,} / {report['bytes_after']:,}"),
         ("bits per param", f"{report['bits_per_param']:.3f}"),
+        ("non-embedding params cut", f"{report['non_embedding_reduction']:.1%}"),
         ("perplexity before / after", f"{report['ppl_before']:.3f} / {report['ppl_after']:.3f}"),
         ("eval", f"{report['eval_corpus']}: {report['eval_tokens']:,} predicted tokens in "
                  f"{report['eval_windows']} windows of {report['eval_seq_len']}"),

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from jaxcomp.errors import JaxcompError
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-DEFAULT_RECIPE = "baseline"
+DEFAULT_RECIPE = "smollm2_tt"
 
 
 @dataclasses.dataclass
@@ -34,6 +34,11 @@ class CalibConfig:
     corpus: str = "enwiki-sample"
     num_samples: int = 128
     seq_len: int = 512
+
+
+@dataclasses.dataclass
+class HealConfig:
+    steps: int = 0  # 0: no healing (distillation/QAT training lands with the healing issue)
 
 
 @dataclasses.dataclass
@@ -54,6 +59,7 @@ class Recipe:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
     stages: list[StageConfig] = dataclasses.field(default_factory=list)
+    heal: HealConfig = dataclasses.field(default_factory=HealConfig)
     save_checkpoint: bool = True  # out_dir/checkpoint (orbax), reopened with model=<that dir>
     export_hf: bool = False
 
@@ -73,7 +79,8 @@ def _check_keys(data: Any, schema, where: str) -> None:
             hint = f"; did you mean '{where}{close[0]}'?" if close else ""
             raise JaxcompError(f"unknown recipe key '{where}{key}'{hint}")
         sub = fields[key].type
-        sub_schema = {"EvalConfig": EvalConfig, "CalibConfig": CalibConfig}.get(sub)
+        sub_schema = {"EvalConfig": EvalConfig, "CalibConfig": CalibConfig,
+                      "HealConfig": HealConfig}.get(sub)
         if sub_schema is not None:
             if not isinstance(value, dict):
                 raise JaxcompError(f"recipe key '{where}{key}' must be a mapping")
@@ -156,6 +163,10 @@ def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     _check_keys(data, Recipe, "")
+    if data.get("model") in (None, "", "???"):
+        raise JaxcompError(f"recipe '{data['name']}' needs a model: pass model=<HF checkpoint "
+                           "directory, .gguf file or jaxcomp checkpoint> (the embedded "
+                           "SmolLM2-135M recipes need none, e.g. recipe=smollm2_tt)")
     try:
         conf = OmegaConf.merge(OmegaConf.structured(Recipe), data)
         recipe: Recipe = OmegaConf.to_object(conf)
@@ -175,6 +186,8 @@ def _check_values(r: Recipe) -> None:
         (r.calib.num_samples >= 1, "calib.num_samples must be >= 1"),
         (r.calib.seq_len >= 2, "calib.seq_len must be >= 2"),
         (r.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+        (r.heal.steps == 0, "heal.steps must be 0: the heal stage (distillation / QAT) is not "
+                            "implemented yet; this recipe reports the model before healing"),
         (bool(r.out_dir), "out_dir must not be empty"),
     ]
     for ok, msg in checks:

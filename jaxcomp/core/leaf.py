@@ -12,6 +12,8 @@ import abc
 import jax
 import numpy as np
 
+from jaxcomp.errors import JaxcompError
+
 
 class CompressedLeaf(abc.ABC):
     """Base class of compressed weight matrices (``QArray``, ``TTMatrix``, ...).
@@ -51,3 +53,22 @@ class CompressedLeaf(abc.ABC):
     def num_params(self) -> int:
         """Scalars actually stored (a packed byte of two int4 codes counts as two)."""
         return sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(self))
+
+    def map_factors(self, fn) -> CompressedLeaf:
+        """A copy with ``fn(matrix, name)`` applied to each 2-D factor (TT cores, low-rank
+        factors); how the quantize transform compresses a factorized leaf further."""
+        raise JaxcompError(f"{type(self).__name__} has no factor matrices to transform")
+
+
+def factor_array(factor, dtype) -> jax.Array:
+    """A factor as a plain array in ``dtype``, dequantizing a compressed one."""
+    if isinstance(factor, CompressedLeaf):
+        return factor.materialize().astype(dtype)
+    return jax.numpy.asarray(factor).astype(dtype)
+
+
+def factor_num_params(factor) -> int:
+    """Parameters a (possibly compressed) factor stands for."""
+    if isinstance(factor, CompressedLeaf):
+        return factor.num_params
+    return int(np.prod(np.shape(factor)))

@@ -113,6 +113,7 @@ def list_transforms() -> list[str]:
 def _import_builtin_transforms() -> None:
     # Explicit imports (no package walking): each module registers its transforms once.
     import jaxcomp.quant  # noqa: F401
+    import jaxcomp.tensornet  # noqa: F401
 
 
 def tree_size(tree) -> tuple[int, int]:

@@ -7,6 +7,7 @@ from jaxcomp.core.rules import require_matrix
 from jaxcomp.core.transform import leaf_transform, register_transform
 from jaxcomp.errors import JaxcompError
 from jaxcomp.quant.formats import CodebookFormat, IntFormat, format_from_name
+from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.rtn import quantize_array
 
 # Linear kernels of the decoder blocks (LLaMA ``layers_i``, GPT-2 ``h_i``); embeddings and the
@@ -17,15 +18,22 @@ DEFAULT_IGNORE = ()
 
 def _quantize_leaf(w, path, fmt=None, format="int", bits=None, group_size=128, symmetric=False,
                    scale_dtype="bfloat16", clip_search=False):
-    if isinstance(w, CompressedLeaf):
-        raise JaxcompError("already compressed; quantize it before other transforms or "
-                           "select another parameter")
-    require_matrix(path, w)
     if fmt is None:
         fmt = format_from_name(format, bits, group_size, symmetric, scale_dtype)
     elif not isinstance(fmt, (IntFormat, CodebookFormat)):
         raise JaxcompError(f"fmt must be a quantization format, got {fmt!r}")
-    return quantize_array(w, fmt, clip_search=clip_search, name=path)
+
+    def quantize_matrix(m, name):
+        if isinstance(m, CompressedLeaf):
+            raise JaxcompError(f"{name} is already compressed ({type(m).__name__})")
+        return quantize_array(m, fmt, clip_search=clip_search, name=name)
+
+    if isinstance(w, QArray):
+        raise JaxcompError("already compressed (QArray); select another parameter")
+    if isinstance(w, CompressedLeaf):  # a factorized leaf: quantize its factors (TT cores, ...)
+        return w.map_factors(lambda m, name: quantize_matrix(m, f"{path}/{name}"))
+    require_matrix(path, w)
+    return quantize_matrix(w, path)
 
 
 @register_transform("quantize")

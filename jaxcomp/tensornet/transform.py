@@ -1,0 +1,284 @@
+"""The factorization transforms ``tt``, ``kron``, ``svd``, ``asvd``: wiring the math into pytrees.
+
+Each method turns a rule-selected ``(m, n)`` kernel into a compressed leaf whose size is set by
+one integer knob (TT bond dimension, Kronecker rank, SVD rank). The size is given per matrix
+(the knob itself or ``param_ratio``), or for the whole model: ``target_reduction`` removes that
+fraction of the model's non-embedding parameters, split over the selected matrices either
+uniformly or by a budget allocator that minimizes the summed sensitivity
+(:mod:`jaxcomp.tensornet.sensitivity`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxcomp.core.leaf import CompressedLeaf
+from jaxcomp.core.rules import Rule, is_leaf, make_rules, path_str, require_matrix, select
+from jaxcomp.core.transform import leaf_transform, register_transform
+from jaxcomp.errors import JaxcompError
+from jaxcomp.tensornet import kron as kron_math
+from jaxcomp.tensornet import lowrank, tt
+
+DEFAULT_TARGETS = (r"^(layers|h)_\d+/.*kernel$",)
+# Parameters that are not counted as "non-embedding" (TQCompressor's and CompactifAI's unit).
+EMBEDDING_PATTERN = r"(^|/)(embed_tokens|wte|wpe|lm_head)(/|$)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One factorization: its size knob and how to fit / count it.
+
+    Attributes:
+      name: transform name.
+      knob: the argument that sets the size (``max_bond_dim`` or ``rank``).
+      fit: ``fit(w, knob_value, stats, name, **opts) -> CompressedLeaf``.
+      params: ``params(shape, knob_value, **opts) -> int`` scalars stored.
+      knob_range: ``knob_range(shape, **opts) -> (smallest, largest)``.
+      needs_stats: fitting uses calibration statistics.
+    """
+
+    name: str
+    knob: str
+    fit: Callable
+    params: Callable
+    knob_range: Callable
+    needs_stats: bool = False
+
+    def knob_for_params(self, shape, target: int, name: str = "", **opts) -> int:
+        """The largest knob value whose leaf stores at most ``target`` scalars."""
+        lo, hi = self.knob_range(shape, **opts)
+        if self.params(shape, lo, **opts) > target:
+            raise JaxcompError(f"{name or 'matrix'}: a target of {target:,} parameters cannot be "
+                               f"met: {self.knob}={lo} already needs "
+                               f"{self.params(shape, lo, **opts):,}")
+        while lo < hi:  # params is non-decreasing in the knob
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.params(shape, mid, **opts) <= target else (lo, mid - 1)
+        return lo
+
+
+# --- the four methods ----------------------------------------------------------------------
+
+def _tt_factors(shape, num_cores=3, in_factors=None, out_factors=None, name=""):
+    fin = tuple(in_factors) if in_factors else tt.balanced_factors(shape[0], num_cores)
+    fout = tuple(out_factors) if out_factors else tt.balanced_factors(shape[1], num_cores)
+    tt.check_factorization(shape, fin, fout, name)
+    return fin, fout
+
+
+def _tt_fit(w, chi, stats, name, rel_error=None, **opts):
+    fin, fout = _tt_factors(w.shape, name=name, **opts)
+    return tt.tt_matrix(w, fin, fout, max_bond_dim=chi, rel_error=rel_error, name=name)
+
+
+def _tt_params(shape, chi, rel_error=None, **opts):
+    fin, fout = _tt_factors(shape, **opts)
+    return tt.tt_num_params(fin, fout, tt.tt_ranks(fin, fout, chi))
+
+
+def _tt_range(shape, rel_error=None, **opts):
+    return 1, max(tt.max_ranks(*_tt_factors(shape, **opts)), default=1)
+
+
+def _svd_fit(w, rank, stats, name, alpha=0.5):
+    return lowrank.low_rank(w, rank, name=name)
+
+
+def _asvd_fit(w, rank, stats, name, alpha=0.5):
+    if stats is None:
+        raise JaxcompError(f"{name}: asvd needs calibration statistics for this layer")
+    return lowrank.low_rank(w, rank, in_scales=np.maximum(stats.channel_rms(), 1e-12) ** alpha,
+                            name=name)
+
+
+def _svd_params(shape, rank, alpha=0.5):
+    return rank * (shape[0] + shape[1])
+
+
+def _svd_range(shape, alpha=0.5):
+    return 1, min(shape)
+
+
+def _kron_shapes(shape, a_shape=None, b_shape=None):
+    if a_shape is None and b_shape is None:
+        return kron_math.choose_kron_shapes(*shape)
+    if a_shape is None or b_shape is None:
+        raise JaxcompError("give both a_shape and b_shape, or neither")
+    return tuple(a_shape), tuple(b_shape)
+
+
+def _kron_fit(w, rank, stats, name, a_shape=None, b_shape=None, permute_iters=0):
+    a_shape, b_shape = _kron_shapes(w.shape, a_shape, b_shape)
+    leaf, _ = kron_math.kron_factorize(w, rank, a_shape, b_shape, permute_iters=permute_iters,
+                                       name=name)
+    return leaf
+
+
+def _kron_params(shape, rank, a_shape=None, b_shape=None, permute_iters=0):
+    return kron_math.kron_num_params(*_kron_shapes(shape, a_shape, b_shape), rank)
+
+
+def _kron_range(shape, a_shape=None, b_shape=None, permute_iters=0):
+    (a1, a2), (b1, b2) = _kron_shapes(shape, a_shape, b_shape)
+    return 1, min(a1 * a2, b1 * b2)
+
+
+METHODS = {
+    "tt": Method("tt", "max_bond_dim", _tt_fit, _tt_params, _tt_range),
+    "svd": Method("svd", "rank", _svd_fit, _svd_params, _svd_range),
+    "asvd": Method("asvd", "rank", _asvd_fit, _svd_params, _svd_range, needs_stats=True),
+    "kron": Method("kron", "rank", _kron_fit, _kron_params, _kron_range),
+}
+
+
+# --- the transform ---------------------------------------------------------------------------
+
+def non_embedding_params(params) -> int:
+    """Parameters outside the embedding tables and LM head (compressed leaves count as stored)."""
+    total = 0
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0]:
+        if not re.search(EMBEDDING_PATTERN, path_str(keypath)):
+            total += leaf.num_params if isinstance(leaf, CompressedLeaf) else int(np.size(leaf))
+    return total
+
+
+def _fit_leaf(w, path, method: Method, stats=None, param_ratio=None, **args):
+    if isinstance(w, CompressedLeaf):
+        raise JaxcompError(f"already compressed ({type(w).__name__}); factorize before "
+                           "quantizing, or select another parameter")
+    require_matrix(path, w)
+    if not np.all(np.isfinite(np.asarray(w))):
+        raise JaxcompError(f"{path}: the weights contain NaN or Inf")
+    knob = args.pop(method.knob, None)
+    if param_ratio is not None:
+        if not 0 < param_ratio <= 1:
+            raise JaxcompError(f"{path}: param_ratio must be in (0, 1], got {param_ratio}")
+        fitted = method.knob_for_params(w.shape, int(param_ratio * w.size), path, **args)
+        knob = fitted if knob is None else min(knob, fitted)
+    if knob is None and args.get("rel_error") is None:
+        raise JaxcompError(f"{path}: {method.name} needs {method.knob}, param_ratio or "
+                           "target_reduction")
+    if knob is not None and knob < 1:
+        raise JaxcompError(f"{path}: {method.knob} must be >= 1, got {knob}")
+    return method.fit(w, knob, None if stats is None else stats.get(path), path, **args)
+
+
+def factorize(method_name: str, *, param_ratio: float | None = None,
+              target_reduction: float | None = None, allocation: str = "uniform",
+              probe_ratio: float = 0.3, rules=None, targets=DEFAULT_TARGETS, ignore=(),
+              progress=None, profile_sink: Callable | None = None, **method_args):
+    """Makes the transform of one factorization method (shared by ``tt``/``kron``/``svd``/...).
+
+    Args:
+      method_name: a key of :data:`METHODS`.
+      param_ratio: per matrix, keep at most this fraction of its scalars.
+      target_reduction: remove this fraction of the model's non-embedding parameters, split
+        over the selected matrices by ``allocation``.
+      allocation: ``"uniform"`` (one ratio for every selected matrix), ``"weight_error"``
+        (data-free) or ``"output_error"`` (needs calibration statistics): per-matrix sizes
+        minimizing the summed relative error (:func:`jaxcomp.tensornet.sensitivity.allocate`).
+      probe_ratio: the ``param_ratio`` at which the sensitivity profile is reported.
+      rules, targets, ignore: selection (first match wins; rule ``args`` override per matrix).
+      progress: progress bars (default: when stderr is a terminal).
+      profile_sink: called with the :class:`~jaxcomp.tensornet.sensitivity.Profile` when an
+        allocator ran (the CLI writes it to ``out_dir``).
+      **method_args: the method's knob (``max_bond_dim``/``rank``) and options.
+
+    Returns:
+      ``transform(params, stats=None) -> params``; ``transform.needs_calibration`` says whether
+      ``stats`` (from :func:`jaxcomp.calib.collect_input_stats`) are required.
+    """
+    method = METHODS[method_name]
+    if allocation not in ("uniform", "weight_error", "output_error"):
+        raise JaxcompError(f"allocation must be uniform, weight_error or output_error, "
+                           f"got {allocation!r}")
+    if target_reduction is not None and not 0 < target_reduction < 1:
+        raise JaxcompError(f"target_reduction must be in (0, 1), got {target_reduction}")
+    if target_reduction is not None and (param_ratio is not None
+                                         or method_args.get(method.knob) is not None):
+        raise JaxcompError(f"give target_reduction or a per-matrix size ({method.knob}, "
+                           "param_ratio), not both")
+    if not 0 < probe_ratio <= 1:
+        raise JaxcompError(f"probe_ratio must be in (0, 1], got {probe_ratio}")
+    rule_list = make_rules(rules, targets=targets, ignore=ignore)
+    needs_stats = method.needs_stats or (target_reduction is not None
+                                         and allocation == "output_error")
+
+    def transform(params, stats=None):
+        if needs_stats and stats is None:
+            raise JaxcompError(f"{method.name} with allocation={allocation} needs calibration "
+                               "statistics (the CLI collects them from calib.*)")
+        run_rules = rule_list
+        if target_reduction is not None:
+            from jaxcomp.tensornet import sensitivity
+
+            selected, _ = select(params, rule_list)
+            flat = dict((path_str(k), v) for k, v in
+                        jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0])
+            mats = {p: flat[p] for p in selected}
+            for p, w in mats.items():
+                require_matrix(p, w)
+            budget = int(round(target_reduction * non_embedding_params(params)))
+            profile = sensitivity.profile_and_allocate(
+                method, mats, {p: {**method_args, **a} for p, a in selected.items()}, budget,
+                allocation, probe_ratio, stats, progress)
+            if profile_sink is not None:
+                profile_sink(profile)
+            # The allocation is data: one exact-path rule per matrix (None = left dense).
+            run_rules = [Rule("^" + re.escape(p) + "$", skip=k is None,
+                              args={} if k is None else {**selected[p], method.knob: k})
+                         for p, k in profile.allocation.items()]
+        return leaf_transform(functools.partial(_fit_leaf, method=method), run_rules,
+                              progress=progress, desc=method.name, stats=stats,
+                              param_ratio=param_ratio, **method_args)(params)
+
+    transform.needs_calibration = needs_stats
+    return transform
+
+
+def _public(method_name: str, doc: str):
+    def factory(*, rules=None, targets=DEFAULT_TARGETS, ignore=(), progress=None,
+                profile_sink=None, **kwargs):
+        return factorize(method_name, rules=rules, targets=targets, ignore=ignore,
+                         progress=progress, profile_sink=profile_sink, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = method_name
+    factory.__doc__ = doc
+    return register_transform(method_name)(factory)
+
+
+tt_transform = _public("tt", """Tensor-train / MPO factorization of the selected kernels.
+
+    Args (besides :func:`factorize`'s): ``max_bond_dim``, ``rel_error``, ``num_cores`` (3),
+    ``in_factors``/``out_factors`` (default: balanced).
+
+    Example:
+      >>> small = tt_transform(param_ratio=0.3)(params)  # doctest: +SKIP
+    """)
+kron_transform = _public("kron", """Kronecker-sum factorization with optional learned
+    permutations (TQCompressor).
+
+    Args (besides :func:`factorize`'s): ``rank``, ``a_shape``/``b_shape`` (default: balanced),
+    ``permute_iters`` (0: no permutations).
+
+    Example:
+      >>> small = kron_transform(rank=4, permute_iters=5)(params)  # doctest: +SKIP
+    """)
+svd_transform = _public("svd", """Truncated-SVD low-rank factorization (``rank`` or sizes as in
+    :func:`factorize`).
+
+    Example:
+      >>> small = svd_transform(param_ratio=0.5)(params)  # doctest: +SKIP
+    """)
+asvd_transform = _public("asvd", """Activation-aware SVD: input channels scaled by
+    ``rms^alpha`` (``alpha`` default 0.5) before the SVD; call as ``transform(params, stats)``.
+
+    Example:
+      >>> small = asvd_transform(param_ratio=0.5)(params, stats)  # doctest: +SKIP
+    """)

@@ -1,0 +1,199 @@
+"""The tt / kron / svd / asvd transforms on a model: sizes, budgets, allocation, composition."""
+
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcomp.calib import collect_input_stats
+from jaxcomp.checkpoint import load_checkpoint, save_checkpoint
+from jaxcomp.core import CompressedLeaf, chain, get_transform, tree_size
+from jaxcomp.errors import JaxcompError
+from jaxcomp.models import build_model
+from jaxcomp.models.loading import load_model
+from jaxcomp.pipeline import main
+from jaxcomp.quant import QArray
+from jaxcomp.tensornet import KronMatrix, LowRank, TTMatrix, non_embedding_params
+from jaxcomp.tensornet.sensitivity import MatrixProfile, allocate
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load_model(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def stats(tiny):
+    tokens = np.random.default_rng(0).integers(3, 64, (6, 24))
+    return collect_input_stats(build_model(tiny.config), tiny.params, tokens, batch_size=4,
+                               progress=False)
+
+
+def _forward(config, params, tokens):
+    return jax.jit(lambda p, t: build_model(config).apply({"params": p}, t))(params, tokens)
+
+
+def _materialized(params):
+    return jax.tree_util.tree_map(
+        lambda x: x.materialize() if isinstance(x, CompressedLeaf) else x, params,
+        is_leaf=lambda x: isinstance(x, CompressedLeaf))
+
+
+CASES = {
+    "tt": ({"param_ratio": 0.5}, TTMatrix),
+    "kron": ({"rank": 2, "permute_iters": 1}, KronMatrix),
+    "svd": ({"rank": 8}, LowRank),
+    "asvd": ({"param_ratio": 0.5}, LowRank),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_model_runs_on_factorized_leaves(tiny, stats, name):
+    args, leaf_type = CASES[name]
+    transform = get_transform(name)(**args)
+    before = jax.tree_util.tree_map(np.array, tiny.params)
+    out = transform(tiny.params, stats) if transform.needs_calibration else transform(tiny.params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, tiny.params, before)  # pure
+    up = out["layers_1"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(up, leaf_type) and up.shape == (64, 96)
+    assert isinstance(out["embed_tokens"]["embedding"], jax.Array)  # not targeted
+    assert non_embedding_params(out) < non_embedding_params(tiny.params)
+    tokens = jnp.asarray(np.arange(40).reshape(2, 20) % 64)
+    got = _forward(tiny.config, out, tokens)
+    want = _forward(tiny.config, _materialized(out), tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_asvd_without_statistics_is_refused(tiny):
+    with pytest.raises(JaxcompError, match="needs calibration statistics"):
+        get_transform("asvd")(rank=4)(tiny.params)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "weight_error", "output_error"])
+def test_target_reduction_is_met(tiny, stats, allocation):
+    base = non_embedding_params(tiny.params)
+    profiles = []
+    transform = get_transform("tt")(target_reduction=0.3, allocation=allocation,
+                                    profile_sink=profiles.append)
+    out = transform(tiny.params, stats)
+    reduction = 1 - non_embedding_params(out) / base
+    assert 0.3 <= reduction < 0.45, reduction
+    (profile,) = profiles
+    assert profile.removed == base - non_embedding_params(out) >= profile.budget
+    if allocation != "uniform":
+        assert all(m.probe_error is not None for m in profile.matrices.values())
+
+
+def test_allocator_beats_uniform_on_summed_error(tiny, stats):
+    """Same budget: the allocator's summed squared output error is below the uniform split's."""
+    def summed_error(params):
+        flat = dict(jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=lambda x: isinstance(x, CompressedLeaf))[0])
+        total = 0.0
+        for keypath, leaf in flat.items():
+            path = "/".join(k.key for k in keypath)
+            if isinstance(leaf, CompressedLeaf):
+                w = tiny.params
+                for k in path.split("/"):
+                    w = w[k]
+                total += stats[path].output_error(w, leaf.materialize()) ** 2
+        return total
+
+    base = non_embedding_params(tiny.params)
+    uniform = get_transform("svd")(target_reduction=0.3)(tiny.params)
+    removed = 1 - non_embedding_params(uniform) / base  # a little over 0.3: sizes are discrete
+    allocated = get_transform("svd")(target_reduction=removed, allocation="output_error")(
+        tiny.params, stats)
+    assert non_embedding_params(allocated) <= non_embedding_params(uniform)
+    assert summed_error(allocated) < summed_error(uniform)
+
+
+def test_allocate_matches_brute_force():
+    rng = np.random.default_rng(0)
+    mats = {}
+    for i in range(4):
+        sizes = np.sort(rng.choice(np.arange(10, 100), 3, replace=False))
+        errs = np.sort(rng.uniform(0.05, 1.0, 3))[::-1]
+        mats[f"m{i}"] = MatrixProfile((10, 10), [(int(k), int(s), float(e)) for k, (s, e)
+                                                 in enumerate(zip(sizes, errs, strict=True))])
+    options = {p: [(None, 100, 0.0)] + m.candidates for p, m in mats.items()}
+    for budget in (50, 150, 250):
+        got = allocate(mats, budget)
+        chosen = [next(o for o in options[p] if o[0] == k) for p, k in got.items()]
+        assert sum(100 - o[1] for o in chosen) >= budget
+        best = min(sum(o[2] ** 2 for o in combo) for combo in itertools.product(*options.values())
+                   if sum(100 - o[1] for o in combo) >= budget)
+        assert sum(o[2] ** 2 for o in chosen) <= best * 1.25 + 1e-12
+
+
+def test_impossible_budget_is_refused(tiny):
+    with pytest.raises(JaxcompError, match="cannot be met"):
+        get_transform("svd")(target_reduction=0.9, targets=[r"q_proj/kernel$"])(tiny.params)
+    with pytest.raises(JaxcompError, match="target_reduction must be in"):
+        get_transform("tt")(target_reduction=1.5)
+    with pytest.raises(JaxcompError, match="not both"):
+        get_transform("tt")(target_reduction=0.3, max_bond_dim=4)
+
+
+def test_bad_sizes_name_the_parameter(tiny):
+    with pytest.raises(JaxcompError, match="layers_0/mlp/down_proj/kernel: max_bond_dim must be"):
+        get_transform("tt")(max_bond_dim=0)(tiny.params)
+    with pytest.raises(JaxcompError, match="layers_0/input_layernorm/scale.*2-D"):
+        get_transform("svd")(rank=2, targets=["input_layernorm"])(tiny.params)
+    with pytest.raises(JaxcompError, match=r"in_factors \(3, 3\) multiply to 9"):
+        get_transform("tt")(max_bond_dim=2, in_factors=[3, 3], out_factors=[8, 12],
+                            targets=["up_proj/kernel$"])(tiny.params)
+    with pytest.raises(JaxcompError, match="needs max_bond_dim, param_ratio or target_reduction"):
+        get_transform("tt")()(tiny.params)
+
+
+def test_quantized_cores_are_counted_and_run(tiny, tmp_path):
+    compress = chain(get_transform("tt")(param_ratio=0.5),
+                     get_transform("quantize")(bits=8, group_size=32))
+    out = compress(tiny.params)
+    up = out["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(up, TTMatrix) and all(isinstance(c, QArray) for c in up.cores)
+    float_tt = get_transform("tt")(param_ratio=0.5)(tiny.params)["layers_0"]["mlp"]["up_proj"][
+        "kernel"]
+    assert up.num_params == float_tt.num_params + sum(
+        c.scales.size + c.zeros.size for c in up.cores)
+    assert up.nbytes == sum(c.nbytes for c in up.cores) < float_tt.nbytes / 3
+    tokens = jnp.asarray(np.arange(20).reshape(2, 10) % 64)
+    np.testing.assert_allclose(np.asarray(_forward(tiny.config, out, tokens)),
+                               np.asarray(_forward(tiny.config, _materialized(out), tokens)),
+                               rtol=1e-5, atol=1e-5)
+    save_checkpoint(str(tmp_path / "ckpt"), out, tiny.config)
+    back, _, _ = load_checkpoint(str(tmp_path / "ckpt"))
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(out)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, out)
+    assert tree_size(back) == tree_size(out)
+
+
+def test_cli_tt_recipe_writes_profile(tiny_llama_dir, tiny_text_file, tmp_path):
+    out = tmp_path / "tt"
+    code = main(["recipe=smollm2_tt", f"model={tiny_llama_dir}",
+                 f"eval.corpus=text:{tiny_text_file}", f"calib.corpus=text:{tiny_text_file}",
+                 "eval.seq_len=32", "calib.seq_len=32", "calib.num_samples=4",
+                 "save_checkpoint=false", f"out_dir={out}"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    (summary,) = report["sensitivity"].values()
+    assert summary["removed_params"] >= summary["budget_params"]
+    # int8 cores add their scales and zero points to the count: a little under 70% in the end
+    assert report["non_embedding_reduction"] >= 0.6
+    assert report["ppl_after"] > report["ppl_before"] * 0.5
+    assert summary["metric"] == "output_error"
+    for f in summary["files"]:
+        assert os.path.getsize(out / f) > 0
+    assert json.loads((out / summary["files"][0]).read_text())["matrices"]
+
+
+def test_cli_model_required_for_llama7b_recipe(capsys, tmp_path):
+    assert main(["recipe=llama7b_tt", f"out_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model=" in err and "smollm2_tt" in err
+    assert not (tmp_path / "x").exists()
