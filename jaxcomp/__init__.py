@@ -4,6 +4,7 @@ The public API: load a model, compose pure transforms over its param pytree, eva
 """
 
 from jaxcomp import data
+from jaxcomp.calib import collect_input_stats
 from jaxcomp.checkpoint import load_checkpoint, save_checkpoint
 from jaxcomp.core import CompressedLeaf, Rule, chain, dense, get_transform, tree_size
 from jaxcomp.errors import JaxcompError
@@ -25,10 +26,16 @@ from jaxcomp.quant import (
     nf4,
     quantize,
 )
+from jaxcomp.tensornet import KronMatrix, LowRank, TTMatrix
+from jaxcomp.tensornet import asvd_transform as asvd
+from jaxcomp.tensornet import kron_transform as kron
+from jaxcomp.tensornet import svd_transform as svd
+from jaxcomp.tensornet import tt_transform as tt
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedLeaf", "JaxcompError", "QArray", "Rule", "build_model", "chain", "data",
-           "dense", "export_hf", "fake_quantize", "generate", "get_transform", "int2", "int3",
+__all__ = ["CompressedLeaf", "JaxcompError", "KronMatrix", "LowRank", "QArray", "Rule", "TTMatrix",
+           "asvd", "build_model", "chain", "collect_input_stats", "data", "dense", "kron", "svd",
+           "tt", "export_hf", "fake_quantize", "generate", "get_transform", "int2", "int3",
            "int4", "int8", "int_format", "load_checkpoint", "load_model", "minifloat", "nf",
            "nf4", "perplexity", "quantize", "save_checkpoint", "tree_size"]

@@ -3,15 +3,16 @@
 import os
 import re
 
+import jax
 import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def _example() -> str:
+def _example(marker: str = "readme-example") -> str:
     text = open(README).read()
-    m = re.search(r"<!-- readme-example -->\s*```python\n(.*?)```", text, re.S)
-    assert m, "README lost its marked example"
+    m = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
+    assert m, f"README lost its marked example {marker}"
     return m.group(1)
 
 
@@ -28,3 +29,17 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys, smollm2_gguf):
     ppl = float(re.search(r"perplexity (\S+)", out).group(1))
     assert 10 < ppl < 60
     assert os.path.isfile(tmp_path / "w4_checkpoint" / "jaxcomp.json")
+
+
+def test_readme_tensornet_example_runs(tiny_llama_dir):
+    import jaxcomp as jc
+    from jaxcomp.tensornet import TTMatrix
+
+    m = jc.load_model(tiny_llama_dir)  # the README's m, model, on a tiny random LLaMA
+    scope = {"jc": jc, "m": m, "model": jc.build_model(m.config)}
+    exec(compile(_example("readme-example-tensornet"), "README.md", "exec"), scope)
+    small = scope["small"]
+    assert jc.tensornet.non_embedding_params(small) < 0.45 * jc.tensornet.non_embedding_params(
+        m.params)
+    assert any(isinstance(leaf, TTMatrix) for leaf in jax.tree_util.tree_leaves(
+        small, is_leaf=lambda x: isinstance(x, jc.CompressedLeaf)))
