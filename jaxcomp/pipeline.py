@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -73,12 +74,12 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         notes: list[str] = []
         before = _timed(seconds, "eval_before", perplexity, model, params, windows,
                         recipe.eval.batch_size, progress, "eval (before)")
-        profiles: dict[str, dict] = {}
+        stage_reports: dict[str, dict] = {}
         for i, stage in enumerate(recipe.stages):
             factory = get_transform(stage.transform)
             extra = {}
-            if "profile_sink" in inspect.signature(factory).parameters:
-                extra["profile_sink"] = lambda prof, i=i: _save_profile(prof, tmp, i, profiles)
+            if "report_sink" in inspect.signature(factory).parameters:
+                extra["report_sink"] = functools.partial(_stage_report, tmp, i, stage_reports)
             try:
                 transform = factory(**stage.args, rules=stage.rules, **extra)
             except TypeError as e:  # an argument the transform does not take
@@ -127,7 +128,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "eval_tokens_per_s": round(before.tokens_per_s, 1),
             "seconds": seconds,
             "warnings": notes,
-            "sensitivity": profiles,
+            "stages": stage_reports,
         }
         if recipe.save_checkpoint:
             from jaxcomp.checkpoint import save_checkpoint
@@ -151,18 +152,23 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         raise
 
 
-def _save_profile(profile, out_dir: str, stage: int, summary: dict) -> None:
-    """Writes a stage's sensitivity profile (JSON + PNG) and keeps its summary for the report."""
-    stage_dir = os.path.join(out_dir, f"sensitivity_stage{stage}")
-    os.makedirs(stage_dir, exist_ok=True)
-    files = profile.save(stage_dir)
-    summary[f"stage{stage}"] = {
-        "method": profile.method, "metric": profile.metric,
-        "budget_params": profile.budget, "removed_params": profile.removed,
-        "matrices_left_dense": sum(k is None for k in profile.allocation.values()),
-        "depth_trend": profile.depth_trend(),
-        "files": [os.path.relpath(f, out_dir) for f in files],
-    }
+def _stage_report(out_dir: str, stage: int, reports: dict, kind: str, value) -> None:
+    """Keeps what a stage measured for the report; a sensitivity profile also goes to
+    ``out_dir/sensitivity_stage<i>/`` (JSON + PNG)."""
+    entry = reports.setdefault(f"stage{stage}", {})
+    if kind == "profile":
+        stage_dir = os.path.join(out_dir, f"sensitivity_stage{stage}")
+        os.makedirs(stage_dir, exist_ok=True)
+        files = value.save(stage_dir)
+        entry["sensitivity"] = {
+            "method": value.method, "metric": value.metric,
+            "budget_params": value.budget, "removed_params": value.removed,
+            "matrices_left_dense": sum(k is None for k in value.allocation.values()),
+            "depth_trend": value.depth_trend(),
+            "files": [os.path.relpath(f, out_dir) for f in files],
+        }
+    else:
+        entry[kind] = value
 
 
 def _replace_dir(src: str, dst: str) -> None:

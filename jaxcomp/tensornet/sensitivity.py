@@ -251,8 +251,8 @@ def profile_and_allocate(method, mats: dict, args: dict, budget: int, metric: st
                 except JaxcompError:
                     continue  # this matrix cannot get that small
                 if knob not in errors:
-                    approx = np.asarray(method.fit(w, knob, stat, p, **opts).materialize(),
-                                        np.float64)
+                    leaf, _ = method.fit(w, knob, stat, p, **opts)
+                    approx = np.asarray(leaf.materialize(), np.float64)
                     errors[knob] = (stat.output_error(w64, approx) if metric == "output_error"
                                     else float(np.linalg.norm(w64 - approx)
                                                / np.linalg.norm(w64)))

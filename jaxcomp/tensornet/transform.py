@@ -37,7 +37,7 @@ class Method:
     Attributes:
       name: transform name.
       knob: the argument that sets the size (``max_bond_dim`` or ``rank``).
-      fit: ``fit(w, knob_value, stats, name, **opts) -> CompressedLeaf``.
+      fit: ``fit(w, knob_value, stats, name, **opts) -> (CompressedLeaf, info dict)``.
       params: ``params(shape, knob_value, **opts) -> int`` scalars stored.
       knob_range: ``knob_range(shape, **opts) -> (smallest, largest)``.
       needs_stats: fitting uses calibration statistics.
@@ -74,7 +74,7 @@ def _tt_factors(shape, num_cores=3, in_factors=None, out_factors=None, name=""):
 
 def _tt_fit(w, chi, stats, name, rel_error=None, **opts):
     fin, fout = _tt_factors(w.shape, name=name, **opts)
-    return tt.tt_matrix(w, fin, fout, max_bond_dim=chi, rel_error=rel_error, name=name)
+    return tt.tt_matrix(w, fin, fout, max_bond_dim=chi, rel_error=rel_error, name=name), {}
 
 
 def _tt_params(shape, chi, rel_error=None, **opts):
@@ -87,14 +87,14 @@ def _tt_range(shape, rel_error=None, **opts):
 
 
 def _svd_fit(w, rank, stats, name, alpha=0.5):
-    return lowrank.low_rank(w, rank, name=name)
+    return lowrank.low_rank(w, rank, name=name), {}
 
 
 def _asvd_fit(w, rank, stats, name, alpha=0.5):
     if stats is None:
         raise JaxcompError(f"{name}: asvd needs calibration statistics for this layer")
-    return lowrank.low_rank(w, rank, in_scales=np.maximum(stats.channel_rms(), 1e-12) ** alpha,
-                            name=name)
+    scales = np.maximum(stats.channel_rms(), 1e-12) ** alpha
+    return lowrank.low_rank(w, rank, in_scales=scales, name=name), {}
 
 
 def _svd_params(shape, rank, alpha=0.5):
@@ -115,9 +115,10 @@ def _kron_shapes(shape, a_shape=None, b_shape=None):
 
 def _kron_fit(w, rank, stats, name, a_shape=None, b_shape=None, permute_iters=0):
     a_shape, b_shape = _kron_shapes(w.shape, a_shape, b_shape)
-    leaf, _ = kron_math.kron_factorize(w, rank, a_shape, b_shape, permute_iters=permute_iters,
-                                       name=name)
-    return leaf
+    leaf, errors = kron_math.kron_factorize(w, rank, a_shape, b_shape,
+                                            permute_iters=permute_iters, name=name)
+    # relative Frobenius error without permutations, then after each permutation iteration
+    return leaf, {"rel_errors": [round(float(e), 6) for e in errors]}
 
 
 def _kron_params(shape, rank, a_shape=None, b_shape=None, permute_iters=0):
@@ -148,7 +149,7 @@ def non_embedding_params(params) -> int:
     return total
 
 
-def _fit_leaf(w, path, method: Method, stats=None, param_ratio=None, **args):
+def _fit_leaf(w, path, method: Method, fit_log: dict, stats=None, param_ratio=None, **args):
     if isinstance(w, CompressedLeaf):
         raise JaxcompError(f"already compressed ({type(w).__name__}); factorize before "
                            "quantizing, or select another parameter")
@@ -166,13 +167,16 @@ def _fit_leaf(w, path, method: Method, stats=None, param_ratio=None, **args):
                            "target_reduction")
     if knob is not None and knob < 1:
         raise JaxcompError(f"{path}: {method.knob} must be >= 1, got {knob}")
-    return method.fit(w, knob, None if stats is None else stats.get(path), path, **args)
+    leaf, info = method.fit(w, knob, None if stats is None else stats.get(path), path, **args)
+    if info:
+        fit_log[path] = info
+    return leaf
 
 
 def factorize(method_name: str, *, param_ratio: float | None = None,
               target_reduction: float | None = None, allocation: str = "uniform",
               probe_ratio: float = 0.3, rules=None, targets=DEFAULT_TARGETS, ignore=(),
-              progress=None, profile_sink: Callable | None = None, **method_args):
+              progress=None, report_sink: Callable | None = None, **method_args):
     """Makes the transform of one factorization method (shared by ``tt``/``kron``/``svd``/...).
 
     Args:
@@ -186,8 +190,10 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
       probe_ratio: the ``param_ratio`` at which the sensitivity profile is reported.
       rules, targets, ignore: selection (first match wins; rule ``args`` override per matrix).
       progress: progress bars (default: when stderr is a terminal).
-      profile_sink: called with the :class:`~jaxcomp.tensornet.sensitivity.Profile` when an
-        allocator ran (the CLI writes it to ``out_dir``).
+      report_sink: ``report_sink(kind, value)`` receives what the run measured: ``"profile"``
+        with the :class:`~jaxcomp.tensornet.sensitivity.Profile` when a budget was allocated,
+        ``"fits"`` with per-matrix details (``kron``: the error after each permutation
+        iteration). The CLI writes both to ``out_dir``.
       **method_args: the method's knob (``max_bond_dim``/``rank``) and options.
 
     Returns:
@@ -228,15 +234,19 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
             profile = sensitivity.profile_and_allocate(
                 method, mats, {p: {**method_args, **a} for p, a in selected.items()}, budget,
                 allocation, probe_ratio, stats, progress)
-            if profile_sink is not None:
-                profile_sink(profile)
+            if report_sink is not None:
+                report_sink("profile", profile)
             # The allocation is data: one exact-path rule per matrix (None = left dense).
             run_rules = [Rule("^" + re.escape(p) + "$", skip=k is None,
                               args={} if k is None else {**selected[p], method.knob: k})
                          for p, k in profile.allocation.items()]
-        return leaf_transform(functools.partial(_fit_leaf, method=method), run_rules,
-                              progress=progress, desc=method.name, stats=stats,
-                              param_ratio=param_ratio, **method_args)(params)
+        fit_log: dict[str, dict] = {}
+        out = leaf_transform(functools.partial(_fit_leaf, method=method, fit_log=fit_log),
+                             run_rules, progress=progress, desc=method.name, stats=stats,
+                             param_ratio=param_ratio, **method_args)(params)
+        if report_sink is not None and fit_log:
+            report_sink("fits", fit_log)
+        return out
 
     transform.needs_calibration = needs_stats
     return transform
@@ -244,9 +254,9 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
 
 def _public(method_name: str, doc: str):
     def factory(*, rules=None, targets=DEFAULT_TARGETS, ignore=(), progress=None,
-                profile_sink=None, **kwargs):
+                report_sink=None, **kwargs):
         return factorize(method_name, rules=rules, targets=targets, ignore=ignore,
-                         progress=progress, profile_sink=profile_sink, **kwargs)
+                         progress=progress, report_sink=report_sink, **kwargs)
 
     factory.__name__ = factory.__qualname__ = method_name
     factory.__doc__ = doc

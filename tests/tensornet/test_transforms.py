@@ -78,7 +78,7 @@ def test_target_reduction_is_met(tiny, stats, allocation):
     base = non_embedding_params(tiny.params)
     profiles = []
     transform = get_transform("tt")(target_reduction=0.3, allocation=allocation,
-                                    profile_sink=profiles.append)
+                                    report_sink=lambda kind, v: profiles.append(v))
     out = transform(tiny.params, stats)
     reduction = 1 - non_embedding_params(out) / base
     assert 0.3 <= reduction < 0.45, reduction
@@ -181,7 +181,7 @@ def test_cli_tt_recipe_writes_profile(tiny_llama_dir, tiny_text_file, tmp_path):
                  "save_checkpoint=false", f"out_dir={out}"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    (summary,) = report["sensitivity"].values()
+    summary = report["stages"]["stage0"]["sensitivity"]
     assert summary["removed_params"] >= summary["budget_params"]
     # int8 cores add their scales and zero points to the count: a little under 70% in the end
     assert report["non_embedding_reduction"] >= 0.6
@@ -197,3 +197,20 @@ def test_cli_model_required_for_llama7b_recipe(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model=" in err and "smollm2_tt" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_kron_recipe_reports_permutation_errors(tiny_llama_dir, tiny_text_file, tmp_path):
+    out = tmp_path / "kron"
+    code = main(["recipe=smollm2_kron", f"model={tiny_llama_dir}",
+                 f"eval.corpus=text:{tiny_text_file}", "eval.seq_len=32",
+                 "stages.0.args.target_reduction=0.2", "save_checkpoint=false",
+                 f"out_dir={out}"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    fits = report["stages"]["stage0"]["fits"]
+    assert set(fits) == {f"layers_0/mlp/{n}_proj/kernel" for n in ("gate", "up", "down")}
+    for info in fits.values():
+        errors = info["rel_errors"]
+        assert 0 < errors[-1] <= errors[0] < 1
+        assert all(b <= a for a, b in zip(errors, errors[1:], strict=False))
+    assert report["non_embedding_reduction"] >= 0.2
