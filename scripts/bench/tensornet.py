@@ -6,8 +6,9 @@ Usage: python scripts/bench/tensornet.py [--reductions 0.1 0.2 0.35 0.5 0.7]
        [--targets '^layers_\\d+/.*kernel$'] [--out bench_out/tensornet]
 
 Every method removes the same fraction of SmolLM2's non-embedding parameters from the same
-matrices (``target_reduction`` with uniform allocation: one parameter ratio for all of them),
-before any healing. Evaluates on the enwiki-sample eval part (seq_len 512, the first
+matrices (``target_reduction``), before any healing: with uniform allocation (one parameter
+ratio for every matrix), or for the ``*_alloc`` variants with per-matrix sizes from the
+output-error sensitivity profile. Evaluates on the enwiki-sample eval part (seq_len 512, the first
 --max-tokens tokens). Writes results.csv and ppl_vs_reduction.png into --out and prints a
 Markdown table.
 """
@@ -37,6 +38,10 @@ VARIANTS = {
     "kron_perm": ("kron", {"permute_iters": 2}),
     "svd": ("svd", {}),
     "asvd": ("asvd", {}),
+    # per-matrix sizes from the output-error sensitivity profile (some matrices stay dense)
+    "tt_alloc": ("tt", {"num_cores": 3, "allocation": "output_error"}),
+    "svd_alloc": ("svd", {"allocation": "output_error"}),
+    "asvd_alloc": ("asvd", {"allocation": "output_error"}),
 }
 
 
@@ -60,7 +65,7 @@ def main():
     base = non_embedding_params(loaded.params)
     print(json.dumps({"method": "dense", "ppl": dense.ppl, "non_embedding_params": base}))
     stats = None
-    if "asvd" in args.methods:
+    if any(m == "asvd" or m.endswith("_alloc") for m in args.methods):
         calib = sample_calibration(calib_tokens(loaded.tokenizer, "enwiki-sample"),
                                    args.calib_samples, 512)
         stats = collect_input_stats(model, loaded.params, calib, progress=False)
