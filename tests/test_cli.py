@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(model, corpus, out_dir, *extra):
-    return [f"model={model}", f"eval.corpus=text:{corpus}", "eval.seq_len=32",
+    return ["recipe=baseline", f"model={model}", f"eval.corpus=text:{corpus}", "eval.seq_len=32",
             "eval.batch_size=4", f"out_dir={out_dir}", *extra]
 
 
@@ -25,6 +25,15 @@ def _fails(capsys, argv, *needles):
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def test_default_recipe_is_smollm2_tt():
+    from jaxcomp.recipes import load_recipe, parse_overrides
+
+    name, overrides = parse_overrides(["eval.seq_len=64"])
+    recipe = load_recipe(name, overrides)
+    assert recipe.name == "smollm2_tt" and recipe.model == "smollm2-135m"
+    assert [s.transform for s in recipe.stages] == ["tt", "quantize"]
 
 
 def test_baseline_writes_report(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
