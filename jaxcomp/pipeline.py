@@ -98,12 +98,18 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             for w in caught:
                 notes.append(f"stages.{i} ({stage.transform}): {w.message}")
                 print(f"warning: {notes[-1]}", file=sys.stderr)
-        params_after, bytes_after = tree_size(params)
         if recipe.stages:
             after = _timed(seconds, "eval_after", perplexity, model, params, windows,
                            recipe.eval.batch_size, progress, "eval (after)")
         else:
             after = before  # nothing changed: the same numbers, not a second run
+        after_compress = after
+        heal_report = None
+        if recipe.heal.steps:
+            params, heal_report = _heal(recipe, loaded, params, tmp, seconds, progress)
+            after = _timed(seconds, "eval_after_heal", perplexity, model, params, windows,
+                           recipe.eval.batch_size, progress, "eval (healed)")
+        params_after, bytes_after = tree_size(params)
         report = {
             "recipe": recipe.name,
             "model": recipe.model,
@@ -120,6 +126,8 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "non_embedding_reduction": round(1 - non_embedding_params(params)
                                              / non_embedding_before, 4),
             "ppl_before": before.ppl,
+            "ppl_after_compress": after_compress.ppl,
+            "ppl_after_heal": after.ppl if heal_report else None,
             "ppl_after": after.ppl,
             "eval_corpus": recipe.eval.corpus,
             "eval_seq_len": recipe.eval.seq_len,
@@ -129,6 +137,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "seconds": seconds,
             "warnings": notes,
             "stages": stage_reports,
+            "heal": heal_report,
         }
         if recipe.save_checkpoint:
             from jaxcomp.checkpoint import save_checkpoint
@@ -145,11 +154,86 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             json.dump(report, f, indent=2)
         with open(os.path.join(tmp, "recipe.yaml"), "w") as f:
             f.write(recipe_to_yaml(recipe))
-        _replace_dir(tmp, out_dir)
+        import jax
+
+        if jax.process_index() == 0:  # multi-process runs: one writer
+            _replace_dir(tmp, out_dir)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if heal_report and heal_report.get("checkpoint_dir"):
+            # The result is written; the resume state is no longer needed.
+            shutil.rmtree(heal_report["checkpoint_dir"], ignore_errors=True)
         return report
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _heal(recipe: Recipe, loaded, params, tmp: str, seconds: dict, progress: bool):
+    """The heal stage: distillation (+ QAT) toward the original params on the heal corpus."""
+    import dataclasses
+
+    from jaxcomp.data import calib_tokens
+    from jaxcomp.models import build_model
+    from jaxcomp.train import heal
+
+    h = recipe.heal
+    if loaded.tokenizer is None:
+        raise JaxcompError(f"model {recipe.model} has no tokenizer; healing needs one")
+    tokens = calib_tokens(loaded.tokenizer, h.corpus)  # the eval part is never trained on
+    ckpt_dir = None
+    if h.checkpoint_every:
+        ckpt_dir = os.path.abspath(h.checkpoint_dir or recipe.out_dir + ".heal-checkpoints")
+    # Checkpoints resume only the run that wrote them: same model, stages, heal, seed.
+    run_id = {"model": recipe.model, "seed": recipe.seed, "dtype": recipe.dtype,
+              "stages": [dataclasses.asdict(st) for st in recipe.stages]}
+    dtype = jnp.bfloat16 if h.compute_dtype == "bfloat16" else jnp.float32
+    result = _timed(seconds, "heal", heal, build_model(loaded.config, dtype=dtype), params,
+                    loaded.params, tokens, h, seed=recipe.seed, checkpoint_dir=ckpt_dir,
+                    run_id=run_id, progress=progress)
+    files = _plot_losses(result.losses, tmp)
+    first = result.losses[0][1] if result.losses else {}
+    last = result.losses[-1][1] if result.losses else {}
+    return result.params, {
+        "steps": h.steps,
+        "steps_run": result.steps_run,
+        "resumed_from_step": result.resumed_from,
+        "tokens_trained": result.tokens_trained,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "seconds": round(result.seconds, 1),
+        "trainable_params": result.trainable_params,
+        "loss_first": first.get("loss"),
+        "loss_last": last.get("loss"),
+        "qat": h.qat,
+        "checkpoint_dir": ckpt_dir,
+        "files": files,
+    }
+
+
+def _plot_losses(losses: list, out_dir: str) -> list[str]:
+    """``heal_losses.json`` and ``heal_loss.png`` (each loss term against the step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(out_dir, "heal_losses.json"), "w") as f:
+        json.dump([{"step": s, **m} for s, m in losses], f)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [s for s, _ in losses]
+    for key in ("loss", "kd", "ce", "hidden_mse"):
+        values = [m[key] for _, m in losses]
+        if any(values):
+            ax.plot(steps, values, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("healing")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "heal_loss.png"), dpi=100)
+    plt.close(fig)
+    return ["heal_losses.json", "heal_loss.png"]
 
 
 def _stage_report(out_dir: str, stage: int, reports: dict, kind: str, value) -> None:
@@ -193,6 +277,11 @@ def format_report(report: dict) -> str:
         ("bits per param", f"{report['bits_per_param']:.3f}"),
         ("non-embedding params cut", f"{report['non_embedding_reduction']:.1%}"),
         ("perplexity before / after", f"{report['ppl_before']:.3f} / {report['ppl_after']:.3f}"),
+        *([("perplexity after compress / heal", f"{report['ppl_after_compress']:.3f} / "
+                                               f"{report['ppl_after_heal']:.3f}"),
+           ("heal", f"{report['heal']['steps']} steps, {report['heal']['tokens_trained']:,} "
+                    f"tokens, {report['heal']['tokens_per_s']:,.0f} tokens/s")]
+          if report.get("heal") else []),
         ("eval", f"{report['eval_corpus']}: {report['eval_tokens']:,} predicted tokens in "
                  f"{report['eval_windows']} windows of {report['eval_seq_len']}"),
         ("eval throughput", f"{report['eval_tokens_per_s']:,.0f} tokens/s"),
@@ -211,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__ or "", "\nusage: compress.py [recipe=NAME] [key.sub=value ...]")
         return 0
     try:
+        from jaxcomp.parallel import initialize_distributed
+
+        initialize_distributed()  # only when the environment asks for it (README: clusters)
         name, overrides = parse_overrides(argv)
         recipe = load_recipe(name, overrides)
         report = run(recipe, progress=sys.stderr.isatty())

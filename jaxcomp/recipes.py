@@ -16,6 +16,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxcomp.errors import JaxcompError
+from jaxcomp.train.config import HealConfig, MeshConfig, check_heal_config
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
 DEFAULT_RECIPE = "smollm2_tt"
@@ -34,11 +35,6 @@ class CalibConfig:
     corpus: str = "enwiki-sample"
     num_samples: int = 128
     seq_len: int = 512
-
-
-@dataclasses.dataclass
-class HealConfig:
-    steps: int = 0  # 0: no healing (distillation/QAT training lands with the healing issue)
 
 
 @dataclasses.dataclass
@@ -80,7 +76,7 @@ def _check_keys(data: Any, schema, where: str) -> None:
             raise JaxcompError(f"unknown recipe key '{where}{key}'{hint}")
         sub = fields[key].type
         sub_schema = {"EvalConfig": EvalConfig, "CalibConfig": CalibConfig,
-                      "HealConfig": HealConfig}.get(sub)
+                      "HealConfig": HealConfig, "MeshConfig": MeshConfig}.get(sub)
         if sub_schema is not None:
             if not isinstance(value, dict):
                 raise JaxcompError(f"recipe key '{where}{key}' must be a mapping")
@@ -186,8 +182,7 @@ def _check_values(r: Recipe) -> None:
         (r.calib.num_samples >= 1, "calib.num_samples must be >= 1"),
         (r.calib.seq_len >= 2, "calib.seq_len must be >= 2"),
         (r.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
-        (r.heal.steps == 0, "heal.steps must be 0: the heal stage (distillation / QAT) is not "
-                            "implemented yet; this recipe reports the model before healing"),
+        *check_heal_config(r.heal),
         (bool(r.out_dir), "out_dir must not be empty"),
     ]
     for ok, msg in checks:

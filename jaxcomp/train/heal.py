@@ -56,9 +56,14 @@ class Partition:
 
 
 def trainable_partition(params, targets=(), ignore=()) -> Partition:
-    """Marks as trainable the floating-point arrays inside the compressed leaves that the rules
-    select (default: every compressed leaf), except those held by a packed ``QArray`` (train
-    those through QAT: :func:`jaxcomp.quant.qat.prepare_qat`).
+    """Which arrays train.
+
+    Without ``targets``: the floating-point arrays inside every compressed leaf (TT cores,
+    Kronecker and low-rank factors, QAT master weights and learned scales), never those held
+    by a packed ``QArray`` (train those through QAT: :func:`jaxcomp.quant.qat.prepare_qat`).
+    With ``targets`` (regexes over the "/"-joined path): the compressed leaves and plain
+    floating-point arrays they select (e.g. ``norm`` scales, or whole kernels for ordinary
+    fine-tuning). ``ignore`` patterns are never trained.
 
     Raises:
       JaxcompError: nothing is trainable.
@@ -72,9 +77,11 @@ def trainable_partition(params, targets=(), ignore=()) -> Partition:
         return jnp.issubdtype(x.dtype, jnp.floating)
 
     def mask(keypath, x):
-        if not isinstance(x, CompressedLeaf) or path_str(keypath) not in chosen:
+        if path_str(keypath) not in chosen:
             return jax.tree.map(lambda _: False, x)
-        return jax.tree.map(leaf_mask, x, is_leaf=lambda y: isinstance(y, QArray))
+        if isinstance(x, CompressedLeaf):
+            return jax.tree.map(leaf_mask, x, is_leaf=lambda y: isinstance(y, QArray))
+        return bool(targets) and jnp.issubdtype(x.dtype, jnp.floating)
 
     marks = jax.tree_util.tree_leaves(
         jax.tree_util.tree_map_with_path(mask, params, is_leaf=is_leaf))
@@ -249,7 +256,7 @@ def make_trainer(model, partition: Partition, train_params: dict, frozen: dict, 
         n = tokens.shape[0]
         grads = jax.tree.map(lambda g: g / n, grads)
         metrics = {k: v / n for k, v in metrics.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt = optimizer.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
