@@ -1,0 +1,95 @@
+"""The heal stage through ``scripts/compress.py``: report, loss curve, checkpoints, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxcomp.pipeline import main
+
+RECIPE = """
+description: tiny heal test
+stages:
+  - transform: tt
+    args: {param_ratio: 0.5, targets: ['mlp/.*kernel$']}
+  - transform: quantize
+    args: {bits: 4, group_size: 16, targets: ['self_attn/.*kernel$']}
+heal:
+  steps: 3
+  lr: 0.003
+  warmup_steps: 1
+  batch_size: 2
+  seq_len: 16
+  ce_weight: 0.5
+  checkpoint_every: 1
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny_heal.yaml"
+    path.write_text(RECIPE)
+    return str(path)
+
+
+def _args(recipe, model, corpus, out, *extra):
+    return [f"recipe={recipe}", f"model={model}", f"eval.corpus=text:{corpus}",
+            f"heal.corpus=text:{corpus}", "eval.seq_len=32", "eval.batch_size=4",
+            "save_checkpoint=false", f"out_dir={out}", *extra]
+
+
+def test_heal_stage_report(recipe, tiny_llama_dir, tiny_text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(recipe, tiny_llama_dir, tiny_text_file, out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    heal = report["heal"]
+    assert heal["steps_run"] == 3 and heal["resumed_from_step"] is None
+    assert heal["tokens_trained"] == 3 * 2 * 16
+    assert heal["trainable_params"] > 0
+    assert report["ppl_after_heal"] == report["ppl_after"]
+    assert report["ppl_after_compress"] > 0
+    assert (out / "heal_loss.png").stat().st_size > 0
+    losses = json.loads((out / "heal_losses.json").read_text())
+    assert [entry["step"] for entry in losses] == [1, 2, 3]
+    assert "perplexity after compress / heal" in capsys.readouterr().out
+    assert not os.path.exists(str(out) + ".heal-checkpoints")  # removed once written
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["heal.steps=-1"], "heal.steps"),
+    (["heal.kd_weight=0", "heal.ce_weight=0"], "at least one of"),
+    (["heal.mesh.data=3"], "devices"),
+    (["heal.batch_size=100000"], "fewer than heal.batch_size"),
+    (["heal.mesh.rules=[['embedding', ['model', null]]]"], "unknown mesh axis"),
+    (["heal.targets=['^nothing$']"], "nothing to train"),
+    (["heal.compute_dtype=float16"], "heal.compute_dtype"),
+])
+def test_bad_heal_input(recipe, tiny_llama_dir, tiny_text_file, tmp_path, capsys, extra,
+                        needle):
+    out = tmp_path / "run"
+    assert main(_args(recipe, tiny_llama_dir, tiny_text_file, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not out.exists()
+
+
+def test_checkpoints_of_another_run_are_refused(recipe, tiny_llama_dir, tiny_text_file,
+                                                tmp_path, capsys):
+    from jaxcomp.core import get_transform
+    from jaxcomp.models import build_model
+    from jaxcomp.models.loading import load_model
+    from jaxcomp.train import HealConfig, heal
+
+    ckpt = tmp_path / "ckpt"
+    tiny = load_model(tiny_llama_dir)
+    student = get_transform("tt")(param_ratio=0.5, progress=False)(tiny.params)
+    heal(build_model(tiny.config), student, tiny.params, np.arange(200) % 60,
+         HealConfig(steps=1, batch_size=2, seq_len=16, checkpoint_every=1),
+         checkpoint_dir=str(ckpt), run_id={"another": "run"})
+    assert os.listdir(ckpt)
+    out = tmp_path / "run"
+    argv = _args(recipe, tiny_llama_dir, tiny_text_file, out, f"heal.checkpoint_dir={ckpt}")
+    assert main(argv) == 2
+    assert "different recipe" in capsys.readouterr().err
+    assert not out.exists()
