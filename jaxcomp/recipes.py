@@ -163,6 +163,11 @@ def load_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
         raise JaxcompError(f"recipe '{data['name']}' needs a model: pass model=<HF checkpoint "
                            "directory, .gguf file or jaxcomp checkpoint> (the embedded "
                            "SmolLM2-135M recipes need none, e.g. recipe=smollm2_tt)")
+    heal = data.get("heal") if isinstance(data.get("heal"), dict) else {}
+    if heal.get("corpus") in ("", "???") and heal.get("steps", 0) != 0:
+        raise JaxcompError(f"recipe '{data['name']}' heals on a training text: pass "
+                           "heal.corpus=text:PATH (or a corpus name such as enwiki-sample), or "
+                           "heal.steps=0 to stop before healing")
     try:
         conf = OmegaConf.merge(OmegaConf.structured(Recipe), data)
         recipe: Recipe = OmegaConf.to_object(conf)

@@ -187,3 +187,32 @@ def test_heal_lowers_the_distillation_loss_and_returns_packed_leaves(tiny):
     with pytest.raises(JaxcompError, match="2 but there are 1 devices"):
         heal(build_model(tiny.config), student, teacher, tokens,
              HealConfig(steps=1, batch_size=4, seq_len=32, mesh=MeshConfig(data=2)))
+
+
+def _tiny_student(tiny):
+    teacher = jax.tree.map(lambda x: x * 4 if x.ndim == 2 else x, tiny.params)
+    student = get_transform("tt")(param_ratio=0.5, progress=False)(teacher)
+    return teacher, student
+
+
+def test_grad_accumulation_equals_the_large_batch(tiny):
+    teacher, student = _tiny_student(tiny)
+    tokens = np.random.default_rng(1).integers(3, 64, 40 * 17)
+    model = build_model(tiny.config)
+    base = dict(steps=3, lr=3e-3, warmup_steps=1, seq_len=16, ce_weight=0.5)
+    big = heal(model, student, teacher, tokens, HealConfig(batch_size=8, **base))
+    accum = heal(model, student, teacher, tokens, HealConfig(batch_size=4, grad_accum=2,
+                                                             **base))
+    np.testing.assert_allclose([m["loss"] for _, m in accum.losses],
+                               [m["loss"] for _, m in big.losses], rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tiny):
+    teacher, student = _tiny_student(tiny)
+    tokens = np.random.default_rng(1).integers(3, 64, 40 * 17)
+    cfg = HealConfig(steps=2, lr=3e-3, warmup_steps=1, batch_size=4, seq_len=16)
+    f32 = heal(build_model(tiny.config), student, teacher, tokens, cfg)
+    bf16 = heal(build_model(tiny.config, dtype=jnp.bfloat16), student, teacher, tokens, cfg)
+    core = bf16.params["layers_0"]["mlp"]["up_proj"]["kernel"].cores[0]
+    assert core.dtype == jnp.float32
+    assert bf16.losses[0][1]["loss"] == pytest.approx(f32.losses[0][1]["loss"], rel=0.1)

@@ -93,3 +93,8 @@ def test_checkpoints_of_another_run_are_refused(recipe, tiny_llama_dir, tiny_tex
     assert main(argv) == 2
     assert "different recipe" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_llama7b_recipe_asks_for_a_heal_corpus(tmp_path, capsys):
+    assert main(["recipe=llama7b_tt", f"model={tmp_path}"]) == 2
+    assert "heal.corpus=text:PATH" in capsys.readouterr().err
