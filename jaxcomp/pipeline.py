@@ -188,9 +188,9 @@ def _heal(recipe: Recipe, loaded, params, tmp: str, seconds: dict, progress: boo
     run_id = {"model": recipe.model, "seed": recipe.seed, "dtype": recipe.dtype,
               "stages": [dataclasses.asdict(st) for st in recipe.stages]}
     dtype = jnp.bfloat16 if h.compute_dtype == "bfloat16" else jnp.float32
-    result = _timed(seconds, "heal", heal, build_model(loaded.config, dtype=dtype), params,
-                    loaded.params, tokens, h, seed=recipe.seed, checkpoint_dir=ckpt_dir,
-                    run_id=run_id, progress=progress)
+    student = build_model(loaded.config, dtype, remat=h.remat)
+    result = _timed(seconds, "heal", heal, student, params, loaded.params, tokens, h,
+                    seed=recipe.seed, checkpoint_dir=ckpt_dir, run_id=run_id, progress=progress)
     files = _plot_losses(result.losses, tmp)
     first = result.losses[0][1] if result.losses else {}
     last = result.losses[-1][1] if result.losses else {}

@@ -9,10 +9,12 @@ from jaxcomp.models.gpt2 import GPT2
 from jaxcomp.models.llama import Llama
 
 
-def build_model(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32):
-    """Returns the Flax module for ``cfg`` (``dtype`` is the compute dtype)."""
+def build_model(cfg: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32,
+                remat: bool = False):
+    """Returns the Flax module for ``cfg`` (``dtype`` is the compute dtype; ``remat``
+    recomputes block activations in the backward pass instead of storing them)."""
     cls = GPT2 if cfg.arch == "gpt2" else Llama
-    return cls(cfg, dtype=dtype, param_dtype=param_dtype)
+    return cls(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32):

@@ -76,6 +76,7 @@ class GPT2(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass (training)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, cache=None, index=None):
@@ -87,10 +88,11 @@ class GPT2(nn.Module):
         wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, self.dtype, self.param_dtype,
                     name="wpe")
         x = wte(tokens) + wpe(positions)
+        block = nn.remat(GPT2Block) if self.remat else GPT2Block
         new_cache = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, c = GPT2Block(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(
+            x, c = block(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(
                 x, positions, layer_cache, index)
             new_cache.append(c)
         x = LayerNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="ln_f")(x)

@@ -102,6 +102,7 @@ class Llama(nn.Module):
     cfg: ModelConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    remat: bool = False  # recompute each block's activations in the backward pass (training)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, cache=None, index=None):
@@ -112,10 +113,11 @@ class Llama(nn.Module):
         embed = Embed(cfg.vocab_size, cfg.hidden_size, self.dtype, self.param_dtype,
                       name="embed_tokens")
         x = embed(tokens)
+        block = nn.remat(LlamaBlock) if self.remat else LlamaBlock
         new_cache = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, c = LlamaBlock(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
+            x, c = block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
                 x, positions, layer_cache, index)
             new_cache.append(c)
         x = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(x)

@@ -37,6 +37,7 @@ class HealConfig:
     qat: bool = True  # QArray leaves train as fake-quantized float master weights
     lsq: bool = False  # QAT also learns the group scales (LSQ)
     compute_dtype: str = "float32"  # or bfloat16 (master weights stay float32)
+    remat: bool = True  # recompute block activations in the backward pass (less memory)
     targets: list[str] = dataclasses.field(default_factory=list)  # default: every compressed leaf
     ignore: list[str] = dataclasses.field(default_factory=list)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)

@@ -304,8 +304,7 @@ def fingerprint(data) -> str:
 
 def heal(model, params, teacher, tokens: np.ndarray, cfg: HealConfig, *, seed: int = 0,
          checkpoint_dir: str | None = None, run_id: dict | None = None,
-         progress: bool = False, stop_after: int | None = None,
-         on_step: Callable[[int, dict], None] | None = None) -> HealResult:
+         progress: bool = False, on_step: Callable[[int, dict], None] | None = None) -> HealResult:
     """Trains the compressed ``params`` toward ``teacher`` for ``cfg.steps`` steps.
 
     Args:
@@ -319,7 +318,6 @@ def heal(model, params, teacher, tokens: np.ndarray, cfg: HealConfig, *, seed: i
       run_id: what the checkpoints must have been written for (e.g. the recipe); resuming a
         directory written for a different one fails.
       progress: tqdm bar with the loss and tokens/s.
-      stop_after: end after this step without finalizing (tests of resumption).
       on_step: called as ``on_step(step, metrics)`` after each logged step.
 
     Returns:
@@ -334,9 +332,10 @@ def heal(model, params, teacher, tokens: np.ndarray, cfg: HealConfig, *, seed: i
     train_params, frozen = partition.split(params)
     trainer = make_trainer(model, partition, train_params, frozen, teacher, cfg)
     batches = TokenBatches(np.asarray(tokens), cfg.seq_len, cfg.batch_size, cfg.grad_accum, seed)
-    ident = fingerprint({"run": run_id, "heal": dataclasses.asdict(cfg) | {
-        "checkpoint_dir": None, "resume": None, "checkpoint_every": None,
-        "keep_checkpoints": None}})
+    # What the trained numbers depend on; the mesh is left out (a run may resume on another).
+    ident = fingerprint({"run": run_id, "heal": dataclasses.asdict(cfg) | dict.fromkeys(
+        ("checkpoint_dir", "resume", "checkpoint_every", "keep_checkpoints", "log_every",
+         "mesh"))})
     ckpt = (HealCheckpoints(checkpoint_dir, cfg.checkpoint_every, cfg.keep_checkpoints, ident)
             if checkpoint_dir and cfg.checkpoint_every else None)
     state, resumed = None, None
@@ -347,7 +346,6 @@ def heal(model, params, teacher, tokens: np.ndarray, cfg: HealConfig, *, seed: i
     if state is None:
         state = init_state(trainer, train_params)
     start = int(state["step"])
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     losses = []
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     from tqdm.auto import tqdm
@@ -355,10 +353,10 @@ def heal(model, params, teacher, tokens: np.ndarray, cfg: HealConfig, *, seed: i
     bar = tqdm(total=cfg.steps, initial=start, desc="heal", disable=not progress,
                unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    for s in range(start, end):
+    for s in range(start, cfg.steps):
         batch = put_global(batches.batch(s), trainer.batch_sharding)
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer.teacher, batch)
-        if (s + 1) % cfg.log_every == 0 or s + 1 == end:
+        if (s + 1) % cfg.log_every == 0 or s + 1 == cfg.steps:
             m = {k: float(v) for k, v in metrics.items()}
             if not np.isfinite(m["loss"]):
                 raise JaxcompError(f"heal: the loss became {m['loss']} at step {s + 1}; "
@@ -378,12 +376,10 @@ def heal(model, params, teacher, tokens: np.ndarray, cfg: HealConfig, *, seed: i
     if ckpt is not None:
         ckpt.close()
     trained = {k: np.asarray(jax.device_get(_gather(v))) for k, v in state["params"].items()}
-    params = partition.merge(trained, frozen)
-    if stop_after is None or end == cfg.steps:
-        params = finalize_qat(params)
+    params = finalize_qat(partition.merge(trained, frozen))
     n_train = sum(int(np.prod(np.shape(v))) for v in train_params.values())
-    return HealResult(params, losses, end - start, resumed, tokens_per_step * (end - start),
-                      seconds, n_train)
+    return HealResult(params, losses, cfg.steps - start, resumed,
+                      tokens_per_step * (cfg.steps - start), seconds, n_train)
 
 
 def _gather(x: jax.Array) -> jax.Array:

@@ -2,7 +2,7 @@
 """Train-step time: QAT vs plain fine-tuning vs distillation of a factorized model, SmolLM2.
 
 Usage: python scripts/bench/heal_step.py [--steps 6] [--batch 4] [--seq-len 256]
-       [--bits 4] [--group-size 128]
+       [--bits 4] [--group-size 128] [--no-remat] [--variants finetune qat qat_lsq tt35]
 
 Three heal runs on the same batches (KD loss toward the original model in every case, so the
 teacher forward is part of each step), timing each step after the first (compilation):
@@ -12,7 +12,8 @@ teacher forward is part of each step), timing each step after the first (compila
 * ``qat_lsq``: the same with learned step sizes;
 * ``tt35``: TT factorization at -35% non-embedding parameters (uniform), cores trained.
 
-Prints a Markdown table: median step seconds, tokens/s, and the ratio to ``finetune``.
+Prints a Markdown table: median step seconds, tokens/s, and the ratio to ``finetune``; and the
+process's peak RSS.
 """
 
 import argparse
@@ -34,6 +35,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--no-remat", action="store_true", help="store block activations")
     ap.add_argument("--variants", nargs="+", default=["finetune", "qat", "qat_lsq", "tt35"])
     args = ap.parse_args()
 
@@ -46,7 +48,7 @@ def main():
     from jaxcomp.train import HealConfig, heal
 
     loaded = load_model("smollm2-135m")
-    model = build_model(loaded.config)
+    model = build_model(loaded.config, remat=not args.no_remat)
     tokens = calib_tokens(loaded.tokenizer, "enwiki-sample")
     base = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=1e-5,
                 warmup_steps=1)
@@ -67,7 +69,7 @@ def main():
         params = make()
         stamps = []
         result = heal(model, params, loaded.params, tokens, cfg,
-                      on_step=lambda step, m: stamps.append(time.perf_counter()))
+                      on_step=lambda step, m, stamps=stamps: stamps.append(time.perf_counter()))
         step_s = float(np.median(np.diff(stamps)))
         rows.append((name, step_s, result.trainable_params))
         print(f"{name}: {step_s:.2f} s/step", flush=True)
@@ -78,6 +80,9 @@ def main():
     for name, s, n in rows:
         ratio = f"{s / ref:.2f}x" if ref else "-"
         print(f"| {name} | {n:,} | {s:.2f} | {tokens_per_step / s:,.0f} | {ratio} |")
+    import resource
+
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":
