@@ -3,7 +3,7 @@
 The public API: load a model, compose pure transforms over its param pytree, evaluate, save.
 """
 
-from jaxcomp import data
+from jaxcomp import data, parallel, train
 from jaxcomp.calib import collect_input_stats
 from jaxcomp.checkpoint import load_checkpoint, save_checkpoint
 from jaxcomp.core import CompressedLeaf, Rule, chain, dense, get_transform, tree_size
@@ -26,15 +26,18 @@ from jaxcomp.quant import (
     nf4,
     quantize,
 )
+from jaxcomp.quant.qat import QATArray
 from jaxcomp.tensornet import KronMatrix, LowRank, TTMatrix
 from jaxcomp.tensornet import asvd_transform as asvd
 from jaxcomp.tensornet import kron_transform as kron
 from jaxcomp.tensornet import svd_transform as svd
 from jaxcomp.tensornet import tt_transform as tt
+from jaxcomp.train import HealConfig, MeshConfig, heal
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedLeaf", "JaxcompError", "KronMatrix", "LowRank", "QArray", "Rule", "TTMatrix",
+__all__ = ["CompressedLeaf", "HealConfig", "JaxcompError", "KronMatrix", "LowRank", "MeshConfig",
+           "QATArray", "QArray", "Rule", "TTMatrix", "heal", "parallel", "train",
            "asvd", "build_model", "chain", "collect_input_stats", "data", "dense", "kron", "svd",
            "tt", "export_hf", "fake_quantize", "generate", "get_transform", "int2", "int3",
            "int4", "int8", "int_format", "load_checkpoint", "load_model", "minifloat", "nf",

@@ -43,3 +43,21 @@ def test_readme_tensornet_example_runs(tiny_llama_dir):
         m.params)
     assert any(isinstance(leaf, TTMatrix) for leaf in jax.tree_util.tree_leaves(
         small, is_leaf=lambda x: isinstance(x, jc.CompressedLeaf)))
+
+
+def test_readme_heal_example_runs(tiny_llama_dir):
+    import numpy as np
+
+    import jaxcomp as jc
+
+    m = jc.load_model(tiny_llama_dir)
+    small = jc.tt(param_ratio=0.5, progress=False)(m.params)
+    code = _example("readme-example-heal").replace("steps=20", "steps=2").replace(
+        "seq_len=256", "seq_len=16")
+    calib_tokens = lambda tokenizer, corpus: np.arange(2000) % 60  # noqa: E731
+    data = type("data", (), {"calib_tokens": staticmethod(calib_tokens)})
+    scope = {"jc": type("jc", (), {**{k: getattr(jc, k) for k in jc.__all__}, "data": data}),
+             "m": m, "small": small}
+    exec(compile(code, "README.md", "exec"), scope)
+    healed = scope["healed"]
+    assert healed.steps_run == 2 and len(healed.losses) == 2
