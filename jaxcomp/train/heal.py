@@ -340,8 +340,10 @@ def heal(model, params, teacher, tokens: np.ndarray, cfg: HealConfig, *, seed: i
             if checkpoint_dir and cfg.checkpoint_every else None)
     state, resumed = None, None
     if ckpt is not None and cfg.resume:
-        state = ckpt.restore_latest(jax.eval_shape(lambda: init_state(trainer, train_params)),
-                                    trainer.state_shardings)
+        abstract = {"params": jax.eval_shape(lambda: train_params),
+                    "opt": jax.eval_shape(trainer.optimizer.init, train_params),
+                    "step": jax.ShapeDtypeStruct((), np.int32)}
+        state = ckpt.restore_latest(abstract, trainer.state_shardings)
         resumed = None if state is None else int(state["step"])
     if state is None:
         state = init_state(trainer, train_params)
