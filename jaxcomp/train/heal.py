@@ -200,7 +200,6 @@ class Trainer:
     """The compiled train step and the shardings of everything it touches."""
 
     step_fn: Callable
-    mesh: object
     state_shardings: dict
     batch_sharding: NamedSharding
     frozen: dict
@@ -266,7 +265,7 @@ def make_trainer(model, partition: Partition, train_params: dict, frozen: dict, 
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     frozen_dev = {k: put_global(v, frozen_sh[k]) for k, v in frozen.items()}
     teacher_dev = {k: put_global(v, teacher_sh[k]) for k, v in t_flat.items()}
-    return Trainer(step_fn, mesh, state_shardings, batch_sharding, frozen_dev, teacher_dev,
+    return Trainer(step_fn, state_shardings, batch_sharding, frozen_dev, teacher_dev,
                    optimizer)
 
 
