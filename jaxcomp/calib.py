@@ -1,23 +1,34 @@
-"""Calibration statistics: what the inputs of each linear layer look like on real text.
+"""Calibration: what the inputs of each linear layer look like on real text.
 
-One pass of the model over calibration windows with the ``calib`` collection mutable makes every
-:class:`jaxcomp.models.layers.Linear` sow the Gram matrix ``X^T X`` of its inputs; this module
-sums them over batches (in float64) and keys them by the kernel's param path. ASVD uses their
-diagonals (per-channel RMS), sensitivity profiles the whole matrix: for any replacement ``W'``,
-``||X W - X W'||_F^2 = tr((W - W')^T G (W - W'))``.
+Two ways to get there:
+
+* :func:`collect_input_stats`: one pass of the whole model (the tensor-network transforms).
+* :func:`run_blocks`, the block-sequential pass of GPTQ/AWQ/SmoothQuant/clipping (LLMC style):
+  for each decoder block in order, collect its linear layers' statistics from the activations
+  the *already transformed* upstream blocks produce, transform the block, then push the
+  activations through the transformed block. Only one block's params and the calibration
+  activations are live at a time, so a lazily loaded checkpoint streams through.
+
+Every :class:`jaxcomp.models.layers.Linear` sows, when the ``calib`` collection is mutable, the
+Gram matrix ``X^T X`` of its inputs and their per-channel absolute maximum. Sums are kept in
+float64. For any replacement ``W'``: ``||X W - X W'||_F^2 = tr((W - W')^T G (W - W'))``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcomp.core.rules import path_str
+from jaxcomp.core.rules import make_rules, path_str, select
+from jaxcomp.errors import JaxcompError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +38,12 @@ class InputStats:
     Attributes:
       gram: ``(in_features, in_features)`` float64 ``X^T X``.
       count: number of rows (tokens) summed.
+      absmax: ``(in_features,)`` per-channel ``max |X|`` (SmoothQuant), when collected.
     """
 
     gram: np.ndarray
     count: int
+    absmax: np.ndarray | None = None
 
     def channel_rms(self) -> np.ndarray:
         """Root-mean-square of each input channel."""
@@ -45,8 +58,26 @@ class InputStats:
         return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
 
 
+def _accumulate(sums: dict, sown) -> None:
+    """Adds one batch's sown ``gram``/``absmax`` into ``sums[kernel path]``."""
+    for keypath, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        # keypath: (..., "q_proj", "gram", 0) -> the kernel beside it
+        path = path_str(keypath[:-2]) + "/kernel"
+        kind = path_str(keypath[-2:-1])
+        entry = sums.setdefault(path, {})
+        value = np.asarray(value, np.float64)
+        if kind == "gram":
+            entry["gram"] = entry.get("gram", 0.0) + value
+        else:
+            entry["absmax"] = np.maximum(entry.get("absmax", 0.0), value)
+
+
+def _finish(sums: dict, count: int) -> dict[str, InputStats]:
+    return {p: InputStats(e["gram"], count, e.get("absmax")) for p, e in sums.items()}
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
-def _sown_grams(model, params, batch):
+def _sown_stats(model, params, batch):
     _, sown = model.apply({"params": params}, batch, mutable=["calib"])
     return sown["calib"]
 
@@ -69,15 +100,209 @@ def collect_input_stats(model, params, windows, batch_size: int = 8,
       >>> stats = collect_input_stats(model, params, calib_windows)  # doctest: +SKIP
     """
     windows = np.asarray(windows, np.int32)
-    sums: dict[str, np.ndarray] = {}
-    count = 0
+    sums: dict[str, dict] = {}
     for i in tqdm(range(0, len(windows), batch_size), desc="calibration", disable=not progress,
                   leave=False):
-        batch = windows[i:i + batch_size]
-        sown = _sown_grams(model, params, jnp.asarray(batch))
-        for keypath, gram in jax.tree_util.tree_flatten_with_path(sown)[0]:
-            # keypath: (..., "q_proj", "gram", 0) -> the kernel beside it
-            path = path_str(keypath[:-2]) + "/kernel"
-            sums[path] = sums.get(path, 0.0) + np.asarray(gram, np.float64)
-        count += batch.size
-    return {p: InputStats(g, count) for p, g in sums.items()}
+        _accumulate(sums, _sown_stats(model, params, jnp.asarray(windows[i:i + batch_size])))
+    return _finish(sums, windows.size)
+
+
+# --- block-sequential calibration -------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """What a calibrated (block-sequential) transform runs on.
+
+    Attributes:
+      model: the Flax module (:func:`jaxcomp.models.build_model`) the params belong to.
+      windows: ``(num_samples, seq_len)`` int calibration tokens.
+      batch_size: windows per forward pass.
+      progress: progress bar over blocks.
+    """
+
+    model: Any
+    windows: np.ndarray
+    batch_size: int = 8
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class BlockContext:
+    """What a block step sees of decoder block ``index``.
+
+    Attributes:
+      index: block number.
+      prefix: the block's key in the params (``"layers_3"``).
+      cfg: the model config.
+      inputs: ``(num_samples, seq_len, hidden)`` float32 activations entering the block,
+        produced by the already transformed upstream blocks.
+      stats: ``{"self_attn/q_proj/kernel": InputStats}`` (paths relative to the block) for the
+        block params as they were handed to this step.
+      run: ``run(block_params, x) -> y``: the block's forward over a batch of activations.
+      collect: ``collect(block_params) -> stats`` of other block params on ``inputs``.
+    """
+
+    index: int
+    prefix: str
+    cfg: Any
+    inputs: jax.Array
+    stats: dict[str, InputStats]
+    run: Callable[[Any, jax.Array], jax.Array]
+    collect: Callable[[Any], dict[str, InputStats]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStep:
+    """One calibrated method applied inside the block-sequential pass.
+
+    ``fn(block_params, ctx, selected, **args) -> block_params`` where ``selected`` maps the
+    block-relative paths the rules chose to their merged arguments (``args`` updated by the
+    selecting rule's ``args``).
+    """
+
+    fn: Callable[..., Any]
+    rules: tuple
+    defaults: Mapping[str, Any]
+    desc: str
+
+
+def _model_parts(model):
+    """(embed(params, tokens) -> x, block module, block key prefix) for a built model."""
+    from jaxcomp.models.gpt2 import GPT2, GPT2Block
+    from jaxcomp.models.layers import Embed
+    from jaxcomp.models.llama import Llama, LlamaBlock
+
+    cfg, dt, pdt = model.cfg, model.dtype, model.param_dtype
+    if isinstance(model, Llama):
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, dt, pdt)
+
+        def run_embed(params, tokens):
+            return embed.apply({"params": params["embed_tokens"]}, tokens)
+
+        return run_embed, LlamaBlock(cfg, dt, pdt), "layers"
+    if isinstance(model, GPT2):
+        wte = Embed(cfg.vocab_size, cfg.hidden_size, dt, pdt)
+        wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dt, pdt)
+
+        def run_embed(params, tokens):
+            positions = jnp.arange(tokens.shape[1])[None]
+            return (wte.apply({"params": params["wte"]}, tokens)
+                    + wpe.apply({"params": params["wpe"]}, positions))
+
+        return run_embed, GPT2Block(cfg, dt, pdt), "h"
+    raise JaxcompError(f"block-sequential calibration does not know {type(model).__name__}")
+
+
+def _batches(x, batch_size):
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size]
+
+
+def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
+    """The block-sequential pass: every step transforms every block, in order, on the
+    activations of the already transformed upstream blocks.
+
+    Args:
+      params: the model params; any mapping works (a lazily loading one streams: each block is
+        read when it is its turn; the new params hold the transformed blocks).
+      calib: model and calibration windows.
+      steps: block steps, applied in order inside each block (statistics are re-collected
+        between steps, since a step such as AWQ changes the next step's inputs).
+
+    Returns:
+      New params: the transformed blocks, every other entry the same object.
+
+    Example:
+      >>> new = run_blocks(params, Calibration(model, windows), gptq(int4(128)).block_steps)
+    """
+    model = calib.model
+    cfg = model.cfg
+    embed, block, prefix = _model_parts(model)
+    windows = jnp.asarray(np.asarray(calib.windows, np.int32))
+    if windows.ndim != 2 or windows.shape[0] == 0:
+        raise JaxcompError(f"calibration windows must be (num_samples, seq_len), got "
+                           f"{tuple(windows.shape)}")
+    bs = calib.batch_size
+    positions = jnp.broadcast_to(jnp.arange(windows.shape[1]), (bs, windows.shape[1]))
+
+    @jax.jit
+    def forward(bp, x):
+        return block.apply({"params": bp}, x, positions[:x.shape[0]])[0]
+
+    @jax.jit
+    def sown(bp, x):
+        _, out = block.apply({"params": bp}, x, positions[:x.shape[0]], mutable=["calib"])
+        return out["calib"]
+
+    def run(bp, x):
+        return jnp.concatenate([forward(bp, b) for b in _batches(x, bs)])
+
+    x = jnp.concatenate([embed(params, b).astype(jnp.float32) for b in _batches(windows, bs)])
+    new_params = dict(params)
+    unmatched_rules = [{id(r) for r in step.rules} for step in steps]
+    for i in tqdm(range(cfg.num_layers), desc="blocks", disable=not calib.progress):
+        key = f"{prefix}_{i}"
+        bp = params[key]
+
+        def collect(bp, x=x):
+            sums: dict[str, dict] = {}
+            for b in _batches(x, bs):
+                _accumulate(sums, sown(bp, b))
+            return _finish(sums, x.shape[0] * x.shape[1])
+
+        for j, step in enumerate(steps):
+            # Selection per block (full paths), so a streamed checkpoint is never walked whole.
+            selected, unmatched = select({key: bp}, step.rules, warn=False)
+            unmatched_rules[j] &= {id(r) for r in unmatched}
+            mine = {p[len(key) + 1:]: {**step.defaults, **args} for p, args in selected.items()}
+            if not mine:
+                continue
+            ctx = BlockContext(i, key, cfg, x, collect(bp), run, collect)
+            try:
+                bp = step.fn(bp, ctx, mine)
+            except JaxcompError as e:
+                raise JaxcompError(f"{key} ({step.desc}): {e}") from None
+        new_params[key] = bp
+        x = run(bp, x).astype(jnp.float32)
+    for step, ids in zip(steps, unmatched_rules, strict=True):
+        for r in step.rules:
+            if id(r) in ids:
+                warnings.warn(f"{step.desc}: rule {r.pattern!r} matched no parameter",
+                              stacklevel=2)
+    return new_params
+
+
+def block_transform(fn: Callable[..., Any], rules=None, *, targets=(), ignore=(),
+                    desc: str = "calibrate", **defaults):
+    """Makes a calibrated transform ``transform(params, calib) -> params`` from a block step.
+
+    Args:
+      fn: ``fn(block_params, ctx, selected) -> block_params``; ``selected`` maps each chosen
+        block-relative path to its arguments (``defaults`` updated by the rule's ``args``).
+      rules, targets, ignore: selection over full param paths (``layers_3/mlp/up_proj/kernel``).
+      desc: name in errors.
+      **defaults: arguments for every selected leaf.
+
+    Returns:
+      The transform, with ``needs_calibration = "blocks"`` (the pipeline hands it a
+      :class:`Calibration`) and ``block_steps`` (``chain`` fuses adjacent calibrated transforms
+      into one pass over the blocks).
+    """
+    step = BlockStep(fn, tuple(make_rules(rules, targets=targets, ignore=ignore)), defaults,
+                     desc)
+    return steps_transform((step,))
+
+
+def steps_transform(steps: tuple[BlockStep, ...]):
+    """The calibrated transform running ``steps`` in one block-sequential pass."""
+
+    def transform(params, calib: Calibration | None = None):
+        if not isinstance(calib, Calibration):
+            names = ", ".join(s.desc for s in steps)
+            raise JaxcompError(f"{names} needs calibration data: call it as "
+                               "transform(params, Calibration(model, windows))")
+        return run_blocks(params, calib, steps)
+
+    transform.needs_calibration = "blocks"
+    transform.block_steps = steps
+    return transform

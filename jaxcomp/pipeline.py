@@ -85,7 +85,13 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             except TypeError as e:  # an argument the transform does not take
                 raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
             args = ()
-            if getattr(transform, "needs_calibration", False):
+            needs = getattr(transform, "needs_calibration", False)
+            if needs == "blocks":  # block-sequential: it runs the blocks itself
+                from jaxcomp.calib import Calibration
+
+                args = (Calibration(model, _calibration_windows(recipe, loaded.tokenizer),
+                                    recipe.eval.batch_size, progress),)
+            elif needs:
                 # Statistics of the current (already compressed upstream) params.
                 from jaxcomp.calib import collect_input_stats
 

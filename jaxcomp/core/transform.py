@@ -60,17 +60,38 @@ def leaf_transform(fn: Callable, rules=None, *, targets=(), ignore=(), progress:
 
 
 def chain(*transforms: Transform) -> Transform:
-    """Composes single-argument transforms left to right: ``chain(a, b)(p) == b(a(p))``.
+    """Composes transforms left to right: ``chain(a, b)(p) == b(a(p))``.
+
+    Calibrated transforms (``needs_calibration``) get the calibration argument the chain is
+    called with: ``chain(rotate(), gptq(...))(params, Calibration(model, windows))``. Adjacent
+    block-sequential ones (AWQ then GPTQ) are fused into one pass over the blocks, each block
+    getting AWQ then GPTQ before the activations move on (LLMC's order).
 
     Example:
       >>> compress = chain(quantize_a, quantize_b)  # doctest: +SKIP
     """
+    from jaxcomp.calib import steps_transform
 
-    def chained(tree):
-        for t in transforms:
-            tree = t(tree)
+    fused: list[Transform] = []
+    for t in transforms:
+        if (getattr(t, "block_steps", None) and fused
+                and getattr(fused[-1], "block_steps", None)):
+            fused[-1] = steps_transform(fused[-1].block_steps + t.block_steps)
+        else:
+            fused.append(t)
+    kinds = {t.needs_calibration for t in fused if getattr(t, "needs_calibration", False)}
+    if len(kinds) > 1:
+        raise JaxcompError("chain mixes transforms needing per-layer statistics and "
+                           "block-sequential calibration; run them as separate stages")
+
+    def chained(tree, *calib):
+        for t in fused:
+            tree = t(tree, *calib) if getattr(t, "needs_calibration", False) else t(tree)
         return tree
 
+    chained.needs_calibration = kinds.pop() if kinds else False
+    if len(fused) == 1 and getattr(fused[0], "block_steps", None):
+        chained.block_steps = fused[0].block_steps
     return chained
 
 

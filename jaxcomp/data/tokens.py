@@ -70,6 +70,10 @@ def sample_calibration(tokens: np.ndarray, num_samples: int, seq_len: int,
     if len(tokens) < seq_len + 1:
         raise JaxcompError(f"calibration corpus has {len(tokens)} tokens, fewer than "
                            f"calib.seq_len + 1 = {seq_len + 1}")
+    if num_samples * seq_len > len(tokens):
+        raise JaxcompError(f"calibration corpus has {len(tokens):,} tokens, fewer than "
+                           f"calib.num_samples x calib.seq_len = {num_samples * seq_len:,}; "
+                           "lower calib.num_samples or use a larger calib.corpus")
     starts = np.random.default_rng(seed).integers(0, len(tokens) - seq_len, size=num_samples)
     return np.stack([tokens[s:s + seq_len] for s in starts])
 

@@ -40,6 +40,7 @@ class Linear(nn.Module):
         if self.is_mutable_collection("calib"):  # a calibration pass (jaxcomp.calib) asks
             rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
             self.sow("calib", "gram", jnp.matmul(rows.T, rows, precision="highest"))
+            self.sow("calib", "absmax", jnp.max(jnp.abs(rows), axis=0))
         return dense(x.astype(self.dtype), kernel, bias)
 
 

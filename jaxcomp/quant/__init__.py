@@ -19,6 +19,9 @@ from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.rtn import fake_quantize, quantize_array
 from jaxcomp.quant.transform import quantize
 
+# Calibrated methods register their transforms on import (no package walking).
+from jaxcomp.quant import awq_transform, gptq_transform, rotation_transform  # noqa: E402, F401, I001
+
 __all__ = ["CodebookFormat", "IntFormat", "QArray", "fake_quantize", "format_from_name", "int2",
            "int3", "int4", "int8", "int_format", "minifloat", "nf", "nf4", "normal_float_values",
            "pack", "quantize", "quantize_array", "unpack"]

@@ -42,8 +42,9 @@ def _reduce(x, fmt, op):
     return op(x, axis=axes, keepdims=True)
 
 
-def _scale_zero(wg, fmt: Format, ratio):
-    """Per-group scale (stored dtype, as float32) and zero point for ``ratio``-shrunk ranges."""
+def group_scale_zero(wg, fmt: Format, ratio=1.0):
+    """Per-group scale (stored dtype, as float32) and zero point (asymmetric int, else None) of
+    grouped weights ``wg`` ``(G, rows, N)``, for ranges shrunk by ``ratio``."""
     if isinstance(fmt, IntFormat) and not fmt.symmetric:
         lo = jnp.minimum(_reduce(wg, fmt, jnp.min), 0.0) * ratio
         hi = jnp.maximum(_reduce(wg, fmt, jnp.max), 0.0) * ratio
@@ -59,7 +60,8 @@ def _scale_zero(wg, fmt: Format, ratio):
     return scale, zero
 
 
-def _codes(wg, fmt: Format, scale, zero):
+def encode(wg, fmt: Format, scale, zero):
+    """Codes (as float32) of weights under broadcastable ``scale``/``zero``: round to nearest."""
     if isinstance(fmt, IntFormat):
         if fmt.symmetric:
             half = 2 ** (fmt.bits - 1)
@@ -70,7 +72,8 @@ def _codes(wg, fmt: Format, scale, zero):
     return jnp.searchsorted(midpoints, wg / scale).astype(jnp.float32)
 
 
-def _dequant(codes, fmt: Format, scale, zero):
+def decode(codes, fmt: Format, scale, zero):
+    """Values of float32 codes (the inverse of :func:`encode` up to rounding)."""
     if isinstance(fmt, IntFormat):
         offset = 2 ** (fmt.bits - 1) if fmt.symmetric else zero
         return (codes - offset) * scale
@@ -82,8 +85,8 @@ def _best_ratios(wg, fmt: Format, min_clip: float, grid: int):
     shape = jax.eval_shape(lambda: _reduce(wg, fmt, jnp.max)).shape
 
     def step(best, ratio):
-        scale, zero = _scale_zero(wg, fmt, ratio)
-        err = _reduce(jnp.square(_dequant(_codes(wg, fmt, scale, zero), fmt, scale, zero) - wg),
+        scale, zero = group_scale_zero(wg, fmt, ratio)
+        err = _reduce(jnp.square(decode(encode(wg, fmt, scale, zero), fmt, scale, zero) - wg),
                       fmt, jnp.sum)
         better = err < best[0]
         return (jnp.where(better, err, best[0]), jnp.where(better, ratio, best[1])), None
@@ -99,8 +102,8 @@ def _quantize(w, fmt: Format, clip_search: bool, min_clip: float, grid: int):
     k = w.shape[0]
     wg = _grouped(w, group_rows(fmt, k))
     ratio = _best_ratios(wg, fmt, min_clip, grid) if clip_search else 1.0
-    scale, zero = _scale_zero(wg, fmt, ratio)
-    codes = _codes(wg, fmt, scale, zero)
+    scale, zero = group_scale_zero(wg, fmt, ratio)
+    codes = encode(wg, fmt, scale, zero)
     return codes.reshape(-1, w.shape[1])[:k], scale, zero
 
 
@@ -135,10 +138,16 @@ def quantize_array(w: jax.Array, fmt: Format, *, clip_search: bool = False,
     _check(w, name)
     codes, scale, zero = _quantize(jnp.asarray(w), fmt, clip_search, float(min_clip),
                                    int(clip_grid))
+    return build_qarray(codes, scale, zero, fmt, jnp.dtype(w.dtype).name)
+
+
+def build_qarray(codes, scale, zero, fmt: Format, orig_dtype: str = "float32") -> QArray:
+    """Packs ``(K, N)`` codes with per-group ``scale``/``zero`` (any shape reshaping to
+    ``(G, N)``, or one value per tensor) into a :class:`QArray`."""
     scales = scale.reshape(-1, scale.shape[-1]).astype(fmt.scale_dtype)
     zeros = None if zero is None else zero.reshape(-1, zero.shape[-1]).astype(jnp.uint8)
-    return QArray(pack(codes.astype(jnp.uint32), fmt.bits), scales, zeros, fmt,
-                  tuple(int(d) for d in np.shape(w)), jnp.dtype(w.dtype).name)
+    return QArray(pack(jnp.asarray(codes).astype(jnp.uint32), fmt.bits), scales, zeros, fmt,
+                  tuple(int(d) for d in np.shape(codes)), orig_dtype)
 
 
 def fake_quantize(w: jax.Array, fmt: Format) -> jax.Array:
@@ -154,5 +163,5 @@ def fake_quantize(w: jax.Array, fmt: Format) -> jax.Array:
     k = w.shape[0]
     rows = group_rows(fmt, k)
     codes_g = _grouped(codes, rows)
-    deq = _dequant(codes_g, fmt, scale, zero).reshape(-1, w.shape[1])[:k].astype(w.dtype)
+    deq = decode(codes_g, fmt, scale, zero).reshape(-1, w.shape[1])[:k].astype(w.dtype)
     return w + jax.lax.stop_gradient(deq - w)
