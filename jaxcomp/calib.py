@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -136,19 +137,24 @@ class BlockContext:
       cfg: the model config.
       inputs: ``(num_samples, seq_len, hidden)`` float32 activations entering the block,
         produced by the already transformed upstream blocks.
-      stats: ``{"self_attn/q_proj/kernel": InputStats}`` (paths relative to the block) for the
-        block params as they were handed to this step.
+      params: the block params as handed to this step.
       run: ``run(block_params, x) -> y``: the block's forward over a batch of activations.
-      collect: ``collect(block_params) -> stats`` of other block params on ``inputs``.
+      collect: ``collect(block_params) -> stats`` of any block params on ``inputs``.
+      stats: ``{"self_attn/q_proj/kernel": InputStats}`` (paths relative to the block) of
+        ``params`` on ``inputs``; collected on first use.
     """
 
     index: int
     prefix: str
     cfg: Any
     inputs: jax.Array
-    stats: dict[str, InputStats]
+    params: Any
     run: Callable[[Any, jax.Array], jax.Array]
     collect: Callable[[Any], dict[str, InputStats]]
+
+    @functools.cached_property
+    def stats(self) -> dict[str, InputStats]:
+        return self.collect(self.params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,33 +170,6 @@ class BlockStep:
     rules: tuple
     defaults: Mapping[str, Any]
     desc: str
-
-
-def _model_parts(model):
-    """(embed(params, tokens) -> x, block module, block key prefix) for a built model."""
-    from jaxcomp.models.gpt2 import GPT2, GPT2Block
-    from jaxcomp.models.layers import Embed
-    from jaxcomp.models.llama import Llama, LlamaBlock
-
-    cfg, dt, pdt = model.cfg, model.dtype, model.param_dtype
-    if isinstance(model, Llama):
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, dt, pdt)
-
-        def run_embed(params, tokens):
-            return embed.apply({"params": params["embed_tokens"]}, tokens)
-
-        return run_embed, LlamaBlock(cfg, dt, pdt), "layers"
-    if isinstance(model, GPT2):
-        wte = Embed(cfg.vocab_size, cfg.hidden_size, dt, pdt)
-        wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dt, pdt)
-
-        def run_embed(params, tokens):
-            positions = jnp.arange(tokens.shape[1])[None]
-            return (wte.apply({"params": params["wte"]}, tokens)
-                    + wpe.apply({"params": params["wpe"]}, positions))
-
-        return run_embed, GPT2Block(cfg, dt, pdt), "h"
-    raise JaxcompError(f"block-sequential calibration does not know {type(model).__name__}")
 
 
 def _batches(x, batch_size):
@@ -217,7 +196,10 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
     """
     model = calib.model
     cfg = model.cfg
-    embed, block, prefix = _model_parts(model)
+    from jaxcomp.models import decoder_parts
+
+    parts = decoder_parts(model)
+    embed, block, prefix = parts.embed, parts.block, parts.prefix
     windows = jnp.asarray(np.asarray(calib.windows, np.int32))
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise JaxcompError(f"calibration windows must be (num_samples, seq_len), got "
@@ -237,8 +219,10 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
     def run(bp, x):
         return jnp.concatenate([forward(bp, b) for b in _batches(x, bs)])
 
-    x = jnp.concatenate([embed(params, b).astype(jnp.float32) for b in _batches(windows, bs)])
-    new_params = dict(params)
+    # Everything but the blocks is read once here (a streamed checkpoint reads on lookup).
+    new_params = {k: params[k] for k in params if not re.fullmatch(rf"{prefix}_\d+", k)}
+    x = jnp.concatenate([embed(new_params, b).astype(jnp.float32)
+                         for b in _batches(windows, bs)])
     unmatched_rules = [{id(r) for r in step.rules} for step in steps]
     for i in tqdm(range(cfg.num_layers), desc="blocks", disable=not calib.progress):
         key = f"{prefix}_{i}"
@@ -257,11 +241,12 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
             mine = {p[len(key) + 1:]: {**step.defaults, **args} for p, args in selected.items()}
             if not mine:
                 continue
-            ctx = BlockContext(i, key, cfg, x, collect(bp), run, collect)
+            ctx = BlockContext(i, key, cfg, x, bp, run, collect)
             try:
                 bp = step.fn(bp, ctx, mine)
             except JaxcompError as e:
                 raise JaxcompError(f"{key} ({step.desc}): {e}") from None
+            del ctx  # its statistics (Gram matrices) can be large: free before the next
         new_params[key] = bp
         x = run(bp, x).astype(jnp.float32)
     for step, ids in zip(steps, unmatched_rules, strict=True):
@@ -306,3 +291,10 @@ def steps_transform(steps: tuple[BlockStep, ...]):
     transform.needs_calibration = "blocks"
     transform.block_steps = steps
     return transform
+
+
+def _model_parts(model):  # TEMP alias for a helper in flight; remove
+    from jaxcomp.models import decoder_parts
+
+    p = decoder_parts(model)
+    return p.embed, p.block, p.prefix

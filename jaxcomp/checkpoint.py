@@ -31,12 +31,13 @@ MANIFEST = "jaxcomp.json"
 
 def _leaf_types() -> dict[str, type]:
     # Every compressed leaf and format type a checkpoint may hold, by class name.
+    from jaxcomp.quant.actquant import ActQuant
     from jaxcomp.quant.formats import CodebookFormat, IntFormat
     from jaxcomp.quant.qarray import QArray
     from jaxcomp.tensornet import KronMatrix, LowRank, TTMatrix
 
     return {c.__name__: c for c in (QArray, IntFormat, CodebookFormat, TTMatrix, KronMatrix,
-                                    LowRank)}
+                                    LowRank, ActQuant)}
 
 
 def _encode(value):

@@ -64,13 +64,22 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     try:
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        loaded = _timed(seconds, "load", load_model, recipe.model)
+        loaded = _timed(seconds, "load", load_model, recipe.model, stream=recipe.stream)
         dtype = jnp.bfloat16 if recipe.dtype == "bfloat16" else jnp.float32
         model = build_model(loaded.config, dtype=dtype)
         windows = _eval_windows(recipe, loaded.tokenizer)
         params = loaded.params
-        params_before, bytes_before = tree_size(params)
-        non_embedding_before = non_embedding_params(params)
+        if recipe.stream:
+            _check_streamable(recipe)
+            # sizes from shapes: touching every leaf would read the whole checkpoint
+            import jax
+
+            sized = jax.eval_shape(model.init, jax.random.key(0),
+                                   jnp.zeros((1, 1), jnp.int32))["params"]
+        else:
+            sized = params
+        params_before, bytes_before = tree_size(sized)
+        non_embedding_before = non_embedding_params(sized)
         notes: list[str] = []
         before = _timed(seconds, "eval_before", perplexity, model, params, windows,
                         recipe.eval.batch_size, progress, "eval (before)")
@@ -173,6 +182,24 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_streamable(recipe: Recipe) -> None:
+    from jaxcomp.core import get_transform
+
+    for i, stage in enumerate(recipe.stages):
+        factory = get_transform(stage.transform)
+        try:
+            needs = getattr(factory(**stage.args, rules=stage.rules), "needs_calibration", False)
+        except TypeError as e:
+            raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
+        if needs != "blocks":
+            raise JaxcompError(f"stream=true: stages.{i} ({stage.transform}) is not "
+                               "block-sequential; only gptq, awq, smoothquant and learn_clip "
+                               "stream")
+    if recipe.heal.steps:
+        raise JaxcompError("stream=true does not heal (training needs the whole model): set "
+                           "heal.steps=0")
 
 
 def _heal(recipe: Recipe, loaded, params, tmp: str, seconds: dict, progress: bool):

@@ -56,6 +56,9 @@ class Recipe:
     calib: CalibConfig = dataclasses.field(default_factory=CalibConfig)
     stages: list[StageConfig] = dataclasses.field(default_factory=list)
     heal: HealConfig = dataclasses.field(default_factory=HealConfig)
+    # Read an HF checkpoint block by block (models larger than memory); every stage must be
+    # block-sequential (gptq, awq, smoothquant, learn_clip) and evaluation streams too.
+    stream: bool = False
     save_checkpoint: bool = True  # out_dir/checkpoint (orbax), reopened with model=<that dir>
     export_hf: bool = False
 

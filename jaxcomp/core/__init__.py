@@ -2,7 +2,15 @@
 
 from jaxcomp.core.dense import dense
 from jaxcomp.core.leaf import CompressedLeaf
-from jaxcomp.core.rules import Rule, make_rules, path_str, require_matrix, select
+from jaxcomp.core.rules import (
+    Rule,
+    leaves_by_path,
+    make_rules,
+    path_str,
+    replace_leaves,
+    require_matrix,
+    select,
+)
 from jaxcomp.core.transform import (
     chain,
     get_transform,
@@ -13,5 +21,6 @@ from jaxcomp.core.transform import (
 )
 
 __all__ = ["CompressedLeaf", "Rule", "chain", "dense", "get_transform", "leaf_transform",
+           "leaves_by_path", "replace_leaves",
            "list_transforms", "make_rules", "path_str", "register_transform", "require_matrix",
            "select", "tree_size"]

@@ -122,6 +122,26 @@ def select(tree, rules: Sequence[Rule], *, warn: bool = True
     return selected, unmatched
 
 
+def leaves_by_path(tree) -> dict[str, Any]:
+    """``{"a/b/kernel": leaf}`` for every leaf (compressed leaves whole)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {path_str(kp): leaf for kp, leaf in flat}
+
+
+def replace_leaves(tree, new: Mapping[str, Any]):
+    """A copy of ``tree`` with the leaves at the paths in ``new`` replaced (pure).
+
+    Example:
+      >>> replace_leaves({"a": {"w": 1}}, {"a/w": 2})
+      {'a': {'w': 2}}
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    missing = set(new) - {path_str(kp) for kp, _ in flat}
+    if missing:
+        raise JaxcompError(f"no parameter at {sorted(missing)[0]}")
+    return jax.tree_util.tree_unflatten(treedef, [new.get(path_str(kp), leaf) for kp, leaf in flat])
+
+
 def require_matrix(path: str, leaf) -> None:
     """Raises unless ``leaf`` is a 2-D array or a compressed leaf."""
     if isinstance(leaf, CompressedLeaf):

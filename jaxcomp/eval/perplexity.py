@@ -61,6 +61,8 @@ def perplexity(model, params, windows: np.ndarray, batch_size: int = 8,
     windows = np.asarray(windows, np.int32)
     n, seq_len = windows.shape
     batch_size = max(1, min(batch_size, n))
+    if not isinstance(params, dict):  # a streamed checkpoint: one block in memory at a time
+        return _streamed_perplexity(model, params, windows, batch_size, progress, desc)
     total = 0.0
     start = time.perf_counter()
     bar = tqdm(total=n * seq_len, desc=desc, unit="tok", unit_scale=True, disable=not progress,
@@ -75,6 +77,37 @@ def perplexity(model, params, windows: np.ndarray, batch_size: int = 8,
         total += float(_batch_nll(model, params, jnp.asarray(batch), jnp.asarray(weight)))
         bar.update(int(weight.sum()) * seq_len)
     bar.close()
+    seconds = time.perf_counter() - start
+    tokens = n * (seq_len - 1)
+    return PerplexityResult(math.exp(total / tokens), total, tokens, n, seq_len, seconds)
+
+
+def _streamed_perplexity(model, params, windows, batch_size, progress, desc):
+    """Perplexity computed block by block over all windows at once: each block of a
+    :class:`jaxcomp.models.hf.StreamedParams` is read, applied to every window, released."""
+    from jaxcomp.models import decoder_parts
+
+    parts = decoder_parts(model)
+    n, seq_len = windows.shape
+    start = time.perf_counter()
+    top = {k: params[k] for k in params if not k.startswith(parts.prefix + "_")}
+    positions = jnp.broadcast_to(jnp.arange(seq_len), (batch_size, seq_len))
+    block = jax.jit(lambda bp, x: parts.block.apply({"params": bp}, x,
+                                                    positions[:x.shape[0]])[0])
+    batches = range(0, n, batch_size)
+    x = [parts.embed(top, jnp.asarray(windows[i:i + batch_size])) for i in batches]
+    for i in tqdm(range(model.cfg.num_layers), desc=f"{desc} (streamed)", disable=not progress,
+                  leave=False):
+        bp = params[f"{parts.prefix}_{i}"]
+        x = [block(bp, xb) for xb in x]
+
+    @jax.jit
+    def nll(top, xb, tokens):
+        logp = jax.nn.log_softmax(parts.head(top, xb)[:, :-1], axis=-1)
+        return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    total = sum(float(nll(top, xb, jnp.asarray(windows[i:i + batch_size])))
+                for xb, i in zip(x, batches, strict=True))
     seconds = time.perf_counter() - start
     tokens = n * (seq_len - 1)
     return PerplexityResult(math.exp(total / tokens), total, tokens, n, seq_len, seconds)

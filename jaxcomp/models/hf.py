@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -104,7 +104,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]],
-                        param_dtype=np.float32, source: str = "checkpoint") -> dict:
+                        param_dtype=np.float32, source: str = "checkpoint",
+                        only: str | None = None) -> dict:
     """Builds the param tree from ``(hf_name, array)`` pairs, consumed one at a time.
 
     Args:
@@ -112,6 +113,7 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
       tensors: HF-named tensors in HF layout (any order).
       param_dtype: dtype of the stored params.
       source: file name for error messages.
+      only: build just this top-level entry (``"layers_3"``); other tensors are skipped.
 
     Returns:
       The nested param dict (``{"embed_tokens": {"embedding": ...}, ...}``).
@@ -120,15 +122,19 @@ def params_from_tensors(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarra
       JaxcompError: unknown or missing tensors, or a shape that contradicts the config.
     """
     want = expected_shapes(cfg)
+    if only is not None:
+        want = {p: s for p, s in want.items() if p.split("/")[0] == only}
     params: dict = {}
     seen = set()
     bar = tqdm(total=len(want), desc=f"load {os.path.basename(source)}", unit="tensor",
-               leave=False, disable=not sys.stderr.isatty())
+               leave=False, disable=not sys.stderr.isatty() or only is not None)
     for name, array in tensors:
         target = hf_name_to_path(cfg, name)
         if target is None:
             continue
         path, transpose = target
+        if only is not None and path.split("/")[0] != only:
+            continue
         if path not in want:
             raise JaxcompError(f"{source}: tensor {name!r} has no place in this config ({path})")
         array = np.asarray(array)
@@ -182,6 +188,59 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
         except Exception as e:  # safetensors raises its own types for corrupt files
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise JaxcompError(f"{file}: cannot read safetensors ({msg})") from None
+
+
+class StreamedParams(Mapping):
+    """The top-level param entries of an HF checkpoint, each read from its safetensors files
+    when it is looked up and not kept (``params["layers_3"]`` reads that block).
+
+    The block-sequential pass (:func:`jaxcomp.calib.run_blocks`) reads one block at a time,
+    so a checkpoint far larger than memory streams through it.
+
+    Example:
+      >>> params = StreamedParams("/path/to/llama-2-7b", cfg)  # doctest: +SKIP
+      >>> block = params["layers_0"]  # only this block's tensors are read
+    """
+
+    def __init__(self, path: str, cfg: ModelConfig, param_dtype=np.float32):
+        from safetensors import safe_open
+
+        self.path, self.cfg, self.param_dtype = path, cfg, param_dtype
+        self._files: dict[str, dict[str, str]] = {}  # top-level key -> {hf name: file}
+        for file in _safetensors_files(path):
+            if not os.path.exists(file):
+                raise JaxcompError(f"{file}: shard listed in the index is missing")
+            with safe_open(file, framework="flax") as f:
+                for name in f.keys():
+                    target = hf_name_to_path(cfg, name)
+                    if target is not None:
+                        self._files.setdefault(target[0].split("/")[0], {})[name] = file
+        missing = sorted({p.split("/")[0] for p in expected_shapes(cfg)} - set(self._files))
+        if missing:
+            raise JaxcompError(f"{path}: no tensors for {missing[0]}")
+
+    def _tensors(self, key: str) -> Iterator[tuple[str, np.ndarray]]:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name, file in self._files[key].items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(file, framework="flax") as f:
+                for name in names:
+                    yield name, np.asarray(f.get_tensor(name), dtype=np.float32)
+
+    def __getitem__(self, key: str):
+        if key not in self._files:
+            raise KeyError(key)
+        return params_from_tensors(self.cfg, self._tensors(key), self.param_dtype,
+                                   source=self.path, only=key)[key]
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 def load_hf_config(path: str) -> tuple[ModelConfig, dict]:

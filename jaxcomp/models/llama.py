@@ -9,6 +9,9 @@ Param tree (HF module names, Flax kernel layout ``(in, out)``)::
     layers_{i}/mlp/{gate,up,down}_proj/kernel
     norm/scale
     lm_head/kernel                             (hidden, vocab), absent when tied
+
+Rotations untie: an ``lm_head`` present in the params is used even when the config ties the
+embeddings (``rotate`` rotates the embedding and the LM head differently, so it writes one).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     """LLaMA-family causal LM.
 
+    With ``cfg.tie_word_embeddings`` the logits use the token embedding, unless the params hold
+    an ``lm_head`` (rotations untie, see the module docstring).
+
     Call as ``model.apply({"params": params}, tokens)`` for logits ``(B, T, vocab)``, or with
     ``cache=``/``index=`` (see :func:`jaxcomp.models.init_cache`) for ``(logits, new_cache)``.
     """
@@ -121,7 +127,8 @@ class Llama(nn.Module):
                 x, positions, layer_cache, index)
             new_cache.append(c)
         x = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
-        if cfg.tie_word_embeddings:
+        # An explicit lm_head wins over tying: rotations (quant.rotation_transform) untie.
+        if cfg.tie_word_embeddings and not self.has_variable("params", "lm_head"):
             logits = embed.attend(x)
         else:
             logits = Linear(cfg.vocab_size, False, self.dtype, self.param_dtype,

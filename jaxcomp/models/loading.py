@@ -54,13 +54,17 @@ def resolve_model_path(spec: str) -> str:
                        f"({', '.join(BUILTIN_MODELS)}), an HF directory or a .gguf file")
 
 
-def load_model(spec: str, param_dtype=np.float32) -> LoadedModel:
+def load_model(spec: str, param_dtype=np.float32, stream: bool = False) -> LoadedModel:
     """Loads a model by built-in name, HF checkpoint directory, or GGUF path.
 
     Args:
       spec: ``"smollm2-135m"``, a directory with ``config.json`` + safetensors, a ``.gguf``
         file, or a jaxcomp checkpoint directory (``out_dir/checkpoint`` of a recipe run).
       param_dtype: dtype of the returned params.
+      stream: HF directories only: ``params`` is a
+        :class:`jaxcomp.models.hf.StreamedParams` that reads each top-level entry (a decoder
+        block) from disk when it is looked up, for block-sequential work on models larger
+        than memory.
 
     Returns:
       A :class:`LoadedModel`; ``tokenizer`` is ``None`` when the directory has none.
@@ -72,6 +76,9 @@ def load_model(spec: str, param_dtype=np.float32) -> LoadedModel:
     from jaxcomp.models.hf import load_hf_config, params_from_tensors
 
     path = resolve_model_path(spec)
+    if stream and (is_checkpoint(path) or path.endswith(".gguf")):
+        raise JaxcompError(f"{spec}: streaming reads HF safetensors directories only "
+                           "(drop stream=true for this model)")
     if is_checkpoint(path):
         params, cfg, tokenizer = load_checkpoint(path)
         if cfg is None:
@@ -89,7 +96,12 @@ def load_model(spec: str, param_dtype=np.float32) -> LoadedModel:
     from jaxcomp.models.hf import iter_safetensors
 
     cfg, _ = load_hf_config(path)
-    params = params_from_tensors(cfg, iter_safetensors(path), param_dtype, source=path)
+    if stream:
+        from jaxcomp.models.hf import StreamedParams
+
+        params = StreamedParams(path, cfg, param_dtype)
+    else:
+        params = params_from_tensors(cfg, iter_safetensors(path), param_dtype, source=path)
     return LoadedModel(cfg, params, _hf_tokenizer(path), path)
 
 

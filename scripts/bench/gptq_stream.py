@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Streams a LLaMA-2-7B-shaped checkpoint through block-sequential GPTQ W4 g128.
+
+Usage: python scripts/bench/gptq_stream.py [--dir /tmp/llama7b_random] [--layers 3]
+       [--samples 16] [--seq-len 512] [--keep]
+
+1. Writes a random bf16 HF checkpoint with LLaMA-2-7B's shapes and ``--layers`` decoder layers
+   (the generator of ``tt_stream.py``), unless --dir already holds one. Random weights: the
+   point is memory and time, not quality.
+2. Opens it as :class:`jaxcomp.models.hf.StreamedParams` (each block read from disk when the
+   pass reaches it) and runs the registered ``gptq`` transform (int4 asym g128) over it with
+   ``--samples`` x ``--seq-len`` random calibration tokens. Reports seconds per block and the
+   peak RSS (``ru_maxrss``) as JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+from tt_stream import peak_rss_gib, write_checkpoint  # noqa: E402
+
+from jaxcomp.calib import Calibration, block_transform, run_blocks  # noqa: E402
+from jaxcomp.core import get_transform  # noqa: E402
+from jaxcomp.models import build_model  # noqa: E402
+from jaxcomp.models.hf import StreamedParams, load_hf_config  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/tmp/llama7b_random")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    args = ap.parse_args()
+    if not os.path.exists(os.path.join(args.dir, "config.json")):
+        start = time.perf_counter()
+        write_checkpoint(args.dir, args.layers)
+        print(json.dumps({"wrote_checkpoint_s": round(time.perf_counter() - start, 1)}))
+    cfg, _ = load_hf_config(args.dir)
+    params = StreamedParams(args.dir, cfg)
+    model = build_model(cfg)
+    windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.samples, args.seq_len))
+    times = []
+
+    def clock(bp, ctx, selected):  # a step that only records when each block starts
+        times.append((ctx.index, time.perf_counter(), peak_rss_gib()))
+        return bp
+
+    steps = (block_transform(clock, targets=[r"q_proj/kernel$"]).block_steps
+             + get_transform("gptq")(bits=4, group_size=128).block_steps)
+    start = time.perf_counter()
+    out = run_blocks(params, Calibration(model, windows, batch_size=4, progress=True), steps)
+    seconds = time.perf_counter() - start
+    starts = [t for _, t, _ in times] + [start + seconds]
+    per_block = [round(b - a, 1) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    packed = sum(leaf.nbytes for i in range(cfg.num_layers)
+                 for group in out[f"layers_{i}"].values() if isinstance(group, dict)
+                 for layer in group.values() if isinstance(layer, dict)
+                 for leaf in layer.values() if hasattr(leaf, "nbytes"))
+    print(json.dumps({"layers": cfg.num_layers, "calib_tokens": int(windows.size),
+                      "seconds": round(seconds, 1), "seconds_per_block": per_block,
+                      "packed_block_bytes": packed, "peak_rss_gib": round(peak_rss_gib(), 2)}))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
