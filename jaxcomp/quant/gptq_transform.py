@@ -28,39 +28,38 @@ def _format(args):
     return fmt
 
 
+def _gptq_leaf(w, gram, fmt, name: str, **opts):
+    """GPTQ of one kernel; an input-side wrapper (ActQuant) passes its inner kernel through
+    with the Gram matrix of the inputs that kernel sees. Returns ``(new_leaf, info)``."""
+    if not isinstance(w, CompressedLeaf):
+        return gptq_quantize(w, gram, fmt, name=name, **opts)
+    if not hasattr(w, "input_gram"):
+        raise JaxcompError(f"{name} is already compressed ({type(w).__name__}); GPTQ quantizes "
+                           "float kernels")
+    infos = []
+
+    def inner(m, _):
+        if isinstance(m, CompressedLeaf):
+            raise JaxcompError(f"{name} is already quantized")
+        q, info = gptq_quantize(m, w.input_gram(gram), fmt, name=name, **opts)
+        infos.append(info)
+        return q
+
+    return w.map_factors(inner), infos[0]
+
+
 def _gptq_block(block_params, ctx, selected, report):
     leaves = leaves_by_path(block_params)
     new = {}
     for path, args in selected.items():
-        w, stats = leaves[path], ctx.stats.get(path)
         name = f"{ctx.prefix}/{path}"
+        stats = ctx.stats.get(path)
         if stats is None:
             raise JaxcompError(f"{name}: no calibration statistics (not a Linear kernel?)")
-        fmt = _format(args)
-        opts = dict(block_size=args["block_size"], damp=args["damp"],
-                    act_order=args["act_order"], name=name)
-        infos = []
-
-        def run(m, gram, fmt=fmt, opts=opts, infos=infos):
-            q, info = gptq_quantize(m, gram, fmt, **opts)
-            infos.append(info)
-            return q
-
-        if isinstance(w, CompressedLeaf):
-            if not hasattr(w, "input_gram"):  # only input-side wrappers (ActQuant) pass through
-                raise JaxcompError(f"{name} is already compressed ({type(w).__name__}); GPTQ "
-                                   "quantizes float kernels")
-
-            def inner(m, _, w=w, stats=stats):
-                if isinstance(m, CompressedLeaf):
-                    raise JaxcompError(f"{name} is already quantized")
-                return run(m, w.input_gram(stats.gram))
-
-            new[path] = w.map_factors(inner)
-        else:
-            new[path] = run(w, stats.gram)
-        report[name] = {"proxy_error": round(infos[0]["proxy_error"], 6),
-                        "damp": infos[0]["damp"]}
+        new[path], info = _gptq_leaf(leaves[path], stats.gram, _format(args), name,
+                                     block_size=args["block_size"], damp=args["damp"],
+                                     act_order=args["act_order"])
+        report[name] = {"proxy_error": round(info["proxy_error"], 6), "damp": info["damp"]}
     return replace_leaves(block_params, new)
 
 
