@@ -4,7 +4,7 @@ The public API: load a model, compose pure transforms over its param pytree, eva
 """
 
 from jaxcomp import data, parallel, train
-from jaxcomp.calib import collect_input_stats
+from jaxcomp.calib import Calibration, collect_input_stats
 from jaxcomp.checkpoint import load_checkpoint, save_checkpoint
 from jaxcomp.core import CompressedLeaf, Rule, chain, dense, get_transform, tree_size
 from jaxcomp.errors import JaxcompError
@@ -26,7 +26,11 @@ from jaxcomp.quant import (
     nf4,
     quantize,
 )
+from jaxcomp.quant.actquant import ActQuant
+from jaxcomp.quant.awq_transform import awq, smoothquant
+from jaxcomp.quant.gptq_transform import gptq
 from jaxcomp.quant.qat import QATArray
+from jaxcomp.quant.rotation_transform import act_quant, rotate
 from jaxcomp.tensornet import KronMatrix, LowRank, TTMatrix
 from jaxcomp.tensornet import asvd_transform as asvd
 from jaxcomp.tensornet import kron_transform as kron
@@ -36,9 +40,10 @@ from jaxcomp.train import HealConfig, MeshConfig, heal
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedLeaf", "HealConfig", "JaxcompError", "KronMatrix", "LowRank", "MeshConfig",
-           "QATArray", "QArray", "Rule", "TTMatrix", "heal", "parallel", "train",
-           "asvd", "build_model", "chain", "collect_input_stats", "data", "dense", "kron", "svd",
-           "tt", "export_hf", "fake_quantize", "generate", "get_transform", "int2", "int3",
-           "int4", "int8", "int_format", "load_checkpoint", "load_model", "minifloat", "nf",
-           "nf4", "perplexity", "quantize", "save_checkpoint", "tree_size"]
+__all__ = ["ActQuant", "Calibration", "CompressedLeaf", "HealConfig", "JaxcompError", "KronMatrix",
+           "LowRank", "MeshConfig", "QATArray", "QArray", "Rule", "TTMatrix", "act_quant", "asvd",
+           "awq", "build_model", "chain", "collect_input_stats", "data", "dense", "export_hf",
+           "fake_quantize", "generate", "get_transform", "gptq", "heal", "int2", "int3", "int4",
+           "int8", "int_format", "kron", "load_checkpoint", "load_model", "minifloat", "nf", "nf4",
+           "parallel", "perplexity", "quantize", "rotate", "save_checkpoint", "smoothquant", "svd",
+           "train", "tree_size", "tt"]

@@ -61,3 +61,21 @@ def test_readme_heal_example_runs(tiny_llama_dir):
     exec(compile(code, "README.md", "exec"), scope)
     healed = scope["healed"]
     assert healed.steps_run == 2 and len(healed.losses) == 2
+
+
+def test_readme_calibrated_example_runs(tiny_llama_dir):
+    import numpy as np
+
+    import jaxcomp as jc
+
+    m = jc.load_model(tiny_llama_dir)  # the README's m, model, on a tiny random LLaMA
+    code = _example("readme-example-calib")
+    tokens = lambda tokenizer, corpus: np.arange(2000) % 60  # noqa: E731
+    data = type("data", (), {"calib_tokens": staticmethod(tokens),
+                             "sample_calibration": staticmethod(jc.data.sample_calibration)})
+    scope = {"jc": type("jc", (), {**{k: getattr(jc, k) for k in jc.__all__}, "data": data}),
+             "m": m, "model": jc.build_model(m.config)}
+    exec(compile(code, "README.md", "exec"), scope)
+    for name in ("small", "w4a4"):
+        kernel = scope[name]["layers_1"]["mlp"]["down_proj"]["kernel"]
+        assert isinstance(getattr(kernel, "kernel", kernel), jc.QArray), name
