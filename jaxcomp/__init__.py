@@ -28,6 +28,7 @@ from jaxcomp.quant import (
 )
 from jaxcomp.quant.actquant import ActQuant
 from jaxcomp.quant.awq_transform import awq, smoothquant
+from jaxcomp.quant.clipping_transform import learn_clip
 from jaxcomp.quant.gptq_transform import gptq
 from jaxcomp.quant.qat import QATArray
 from jaxcomp.quant.rotation_transform import act_quant, rotate
@@ -44,6 +45,6 @@ __all__ = ["ActQuant", "Calibration", "CompressedLeaf", "HealConfig", "JaxcompEr
            "LowRank", "MeshConfig", "QATArray", "QArray", "Rule", "TTMatrix", "act_quant", "asvd",
            "awq", "build_model", "chain", "collect_input_stats", "data", "dense", "export_hf",
            "fake_quantize", "generate", "get_transform", "gptq", "heal", "int2", "int3", "int4",
-           "int8", "int_format", "kron", "load_checkpoint", "load_model", "minifloat", "nf", "nf4",
-           "parallel", "perplexity", "quantize", "rotate", "save_checkpoint", "smoothquant", "svd",
-           "train", "tree_size", "tt"]
+           "int8", "int_format", "kron", "learn_clip", "load_checkpoint", "load_model",
+           "minifloat", "nf", "nf4", "parallel", "perplexity", "quantize", "rotate",
+           "save_checkpoint", "smoothquant", "svd", "train", "tree_size", "tt"]

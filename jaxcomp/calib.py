@@ -138,6 +138,8 @@ class BlockContext:
       inputs: ``(num_samples, seq_len, hidden)`` float32 activations entering the block,
         produced by the already transformed upstream blocks.
       params: the block params as handed to this step.
+      block: the decoder block's Flax module (``block.apply({"params": p}, x, positions)``),
+        for steps that differentiate through the block.
       run: ``run(block_params, x) -> y``: the block's forward over a batch of activations.
       collect: ``collect(block_params) -> stats`` of any block params on ``inputs``.
       stats: ``{"self_attn/q_proj/kernel": InputStats}`` (paths relative to the block) of
@@ -149,6 +151,7 @@ class BlockContext:
     cfg: Any
     inputs: jax.Array
     params: Any
+    block: Any
     run: Callable[[Any, jax.Array], jax.Array]
     collect: Callable[[Any], dict[str, InputStats]]
 
@@ -241,7 +244,7 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
             mine = {p[len(key) + 1:]: {**step.defaults, **args} for p, args in selected.items()}
             if not mine:
                 continue
-            ctx = BlockContext(i, key, cfg, x, bp, run, collect)
+            ctx = BlockContext(i, key, cfg, x, bp, block, run, collect)
             try:
                 bp = step.fn(bp, ctx, mine)
             except JaxcompError as e:
@@ -292,9 +295,3 @@ def steps_transform(steps: tuple[BlockStep, ...]):
     transform.block_steps = steps
     return transform
 
-
-def _model_parts(model):  # TEMP alias for a helper in flight; remove
-    from jaxcomp.models import decoder_parts
-
-    p = decoder_parts(model)
-    return p.embed, p.block, p.prefix

@@ -1,4 +1,4 @@
-"""Quantization formats: integer k-bit and codebook formats (NF/quantile, fp8, fp4).
+"""Quantization formats: integer k-bit and codebook formats (NF/quantile, fp8, fp4, k-bit fp).
 
 Every format groups a ``(K, N)`` kernel along its input dimension K, per output column: one
 scale (and, for asymmetric int, one zero point) per group of ``group_size`` consecutive rows.
@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 from statistics import NormalDist
 
 import ml_dtypes
@@ -68,12 +69,14 @@ class IntFormat:
 class CodebookFormat:
     """Values from a fixed codebook times a block absmax scale: ``w ≈ values[q] * scale``.
 
-    NF/quantile formats (QLoRA's NF4, Dettmers & Zettlemoyer's quantile data types) and the
-    finite values of fp8 e4m3 / e5m2 and fp4 e2m1 (from ml_dtypes) are all codebooks. Rounding
-    is to the nearest codebook value.
+    NF/quantile formats (QLoRA's NF4, Dettmers & Zettlemoyer's quantile data types), the
+    finite values of fp8 e4m3 / e5m2 and fp4 e2m1 (from ml_dtypes) and the general k-bit
+    minifloats of :func:`float_format` are all codebooks. Rounding is to the nearest codebook
+    value.
 
     Attributes:
-      kind: ``"nf"``, ``"fp8_e4m3"``, ``"fp8_e5m2"`` or ``"fp4"``.
+      kind: ``"nf"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"fp4"``, or ``"fp<bits>e<exp_bits>"``
+        (:func:`float_format`, e.g. ``"fp5e2"``).
       bits: code width (codebook has at most ``2**bits`` values).
       values: sorted codebook, ``max |value|`` is the value an absmax weight maps to.
       granularity, group_size, scale_dtype: as in :class:`IntFormat`.
@@ -144,6 +147,85 @@ def _e2m1_decode(patterns: np.ndarray) -> np.ndarray:
     return sign * mag
 
 
+# Exponent bits of the k-bit float data type by total bits, following the exponent-bit finding of
+# Dettmers & Zettlemoyer (2023), "The case for 4-bit precision": 2 for 3-5 bit floats, 3 for 6-7,
+# 4 for 8. Two bits leave one exponent bit and no mantissa (a ternary code); only e1m0 fits there.
+# float_format(bits, exp_bits) (or the name "fp5e3") picks another split.
+DEFAULT_EXP_BITS = {2: 1, 3: 2, 4: 2, 5: 2, 6: 3, 7: 3, 8: 4}
+
+
+@functools.cache
+def minifloat_values(bits: int, exp_bits: int) -> tuple[float, ...]:
+    """Distinct values of a sign / ``exp_bits`` exponent / mantissa float with no inf or NaN.
+
+    The mantissa has ``m = bits - 1 - exp_bits`` bits; the exponent bias is IEEE's
+    ``2^(exp_bits-1) - 1``. Exponent field 0 is subnormal (``M/2^m * 2^(1-bias)``); every
+    other field is normal (``(1 + M/2^m) * 2^(E-bias)``), the all-ones exponent included: no
+    code is spent on inf or NaN. +0 and -0 coincide, so there are ``2^bits - 1`` values.
+
+    Args:
+      bits: total bits, 2..8.
+      exp_bits: exponent bits, 1..bits-1.
+
+    Returns:
+      Sorted values (not normalized: ``(4, 2)`` gives e2m1's ``0, ±0.5, ..., ±6``).
+
+    Example:
+      >>> minifloat_values(3, 2)
+      (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise JaxcompError(f"float formats need bits in 2..8, got {bits!r}")
+    if isinstance(exp_bits, bool) or not isinstance(exp_bits, int) or not 1 <= exp_bits < bits:
+        raise JaxcompError(f"a {bits}-bit float needs exp_bits in 1..{bits - 1} (one bit is the "
+                           f"sign), got {exp_bits!r}")
+    man_bits = bits - 1 - exp_bits
+    bias = 2 ** (exp_bits - 1) - 1
+    exp = np.arange(2**exp_bits)[:, None]
+    frac = np.arange(2**man_bits)[None, :] / 2**man_bits
+    mag = np.where(exp == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (exp - bias))
+    values = np.unique(np.concatenate([mag.ravel(), -mag.ravel()])) + 0.0  # -0.0 -> 0.0
+    return tuple(float(v) for v in values)
+
+
+def float_format(bits: int, exp_bits: int | None = None, group_size=64,
+                 scale_dtype: str = "bfloat16") -> CodebookFormat:
+    """k-bit minifloat codebook (sign, exponent, mantissa; no inf/NaN) with block absmax scales.
+
+    The value set is :func:`minifloat_values`; a block's absmax weight maps to the largest
+    value. ``exp_bits`` defaults to Dettmers & Zettlemoyer's best choice for each width
+    (:data:`DEFAULT_EXP_BITS`): 1 for 2 bits (ternary, the only 2-bit float), 2 for 3-5 bits,
+    3 for 6-7 bits, 4 for 8 bits.
+
+    Relation to the named formats: ``float_format(4, 2)`` has exactly the values of
+    ``minifloat("fp4")`` (e2m1 has no inf/NaN either). ``float_format(8, 4)`` differs from
+    ``minifloat("fp8_e4m3")`` (e4m3fn) only at the top: e4m3fn spends exponent 15 / mantissa 7
+    on NaN, so its largest value is 448, while here that pattern is the finite value 480 (one
+    more level per sign). ``float_format(8, 5)`` likewise extends e5m2's finite values (max
+    57344) with the patterns IEEE e5m2 reserves for inf/NaN (up to 114688).
+
+    Args:
+      bits: code width, 2..8.
+      exp_bits: exponent bits, 1..bits-1 (default: see above).
+      group_size: rows per group, ``"channel"`` or ``"tensor"``.
+      scale_dtype: ``"bfloat16"`` or ``"float32"``.
+
+    Returns:
+      A :class:`CodebookFormat` of kind ``"fp<bits>e<exp_bits>"``.
+
+    Example:
+      >>> float_format(5).name
+      'fp5e2-g64'
+    """
+    if exp_bits is None:
+        if isinstance(bits, bool) or bits not in DEFAULT_EXP_BITS:
+            raise JaxcompError(f"float formats need bits in 2..8, got {bits!r}")
+        exp_bits = DEFAULT_EXP_BITS[bits]
+    values = minifloat_values(bits, exp_bits)
+    gran, size = _grouping(group_size)
+    return CodebookFormat(f"fp{bits}e{exp_bits}", bits, values, gran, size, scale_dtype)
+
+
 def int_format(bits: int, group_size: int | str | None = 128, symmetric: bool = False,
                scale_dtype: str = "bfloat16") -> IntFormat:
     """Integer format; ``group_size`` is an int, ``"channel"`` or ``"tensor"``.
@@ -201,7 +283,7 @@ def minifloat(kind: str, group_size=32, scale_dtype="bfloat16") -> CodebookForma
                           scale_dtype)
 
 
-FORMAT_NAMES = ("int", "nf", "fp8_e4m3", "fp8_e5m2", "fp4")
+FORMAT_NAMES = ("int", "nf", "fp", "fp8_e4m3", "fp8_e5m2", "fp4")
 
 
 def format_from_name(name: str, bits: int | None = None, group_size=128,
@@ -209,8 +291,10 @@ def format_from_name(name: str, bits: int | None = None, group_size=128,
     """Builds a format from recipe arguments.
 
     Args:
-      name: ``"int"`` (needs ``bits``), ``"nf"`` (``bits`` default 4), ``"fp8_e4m3"``,
-        ``"fp8_e5m2"``, ``"fp4"``; ``"int4"``/``"nf4"``-style names carry their bits.
+      name: ``"int"`` (needs ``bits``), ``"nf"`` (``bits`` default 4), ``"fp"`` (needs
+        ``bits``; the k-bit minifloat of :func:`float_format` with its default exponent bits),
+        ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"fp4"``; ``"int4"``/``"nf4"``-style names carry their
+        bits and ``"fp5e3"``-style names bits and exponent bits.
       bits: code width where the name does not fix it.
       group_size: int rows per group, ``"channel"`` or ``"tensor"``.
       symmetric: integer formats only.
@@ -222,6 +306,8 @@ def format_from_name(name: str, bits: int | None = None, group_size=128,
     Example:
       >>> format_from_name("int", bits=3, group_size=128).name
       'int3-asym-g128'
+      >>> format_from_name("fp", bits=6, group_size="channel").name
+      'fp6e3-channel'
     """
     base = name.rstrip("0123456789") if name.startswith(("int", "nf")) else name
     if base != name:
@@ -234,7 +320,13 @@ def format_from_name(name: str, bits: int | None = None, group_size=128,
         return nf(4 if bits is None else bits, group_size, scale_dtype)
     if base in ("fp8_e4m3", "fp8_e5m2", "fp4"):
         return minifloat(base, group_size, scale_dtype)
-    close = difflib.get_close_matches(name, [*FORMAT_NAMES, "int4", "nf4"], n=1)
+    if base == "fp":
+        if bits is None:
+            raise JaxcompError("format 'fp' needs bits (2..8)")
+        return float_format(bits, None, group_size, scale_dtype)
+    if match := re.fullmatch(r"fp(\d)e(\d)", name):
+        return float_format(int(match[1]), int(match[2]), group_size, scale_dtype)
+    close = difflib.get_close_matches(name, [*FORMAT_NAMES, "int4", "nf4", "fp5e2"], n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise JaxcompError(f"unknown quantization format {name!r}{hint} "
                        f"(formats: {', '.join(FORMAT_NAMES)})")

@@ -184,3 +184,131 @@ def test_format_names():
     assert format_from_name("int", bits=4) == IntFormat(4, "group", 128, False, "bfloat16")
     assert format_from_name("nf4", group_size=64) == nf4(64)
     assert format_from_name("fp4", group_size=32) == minifloat("fp4", 32)
+
+
+# --- general k-bit minifloats (float_format) ---------------------------------------------------
+
+def test_minifloat_values_by_hand():
+    from jaxcomp.quant.formats import minifloat_values
+
+    # e1m0 (bias 0): subnormal 0, normal 2^1.
+    assert minifloat_values(2, 1) == (-2.0, 0.0, 2.0)
+    # e2m0 (bias 1): 0, 2^0, 2^1, 2^2.
+    assert minifloat_values(3, 2) == (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+    # e1m1 (bias 0): subnormals 0, 1; normals 2, 3 -- a uniform grid.
+    assert minifloat_values(3, 1) == (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+    # e2m2 (bias 1): subnormals k/4 * 2^0, normals (1 + k/4) * 2^(E-1).
+    pos = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0]
+    assert minifloat_values(5, 2) == tuple([-v for v in reversed(pos)] + [0.0] + pos)
+    # e3m0 (bias 3): subnormal 0 only, then 2^-2 .. 2^4.
+    assert minifloat_values(4, 3) == tuple(sorted({0.0} | {s * 2.0**e for s in (1, -1)
+                                                           for e in range(-2, 5)}))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_float_format_value_sets(bits):
+    from jaxcomp.quant.formats import DEFAULT_EXP_BITS, float_format
+
+    fmt = float_format(bits)
+    values = np.asarray(fmt.values)
+    assert fmt.bits == bits and fmt.kind == f"fp{bits}e{DEFAULT_EXP_BITS[bits]}"
+    assert len(values) == 2**bits - 1  # every code finite; only +-0 coincide
+    assert (np.diff(values) > 0).all()  # sorted, unique
+    np.testing.assert_array_equal(values, -values[::-1])  # symmetric
+    assert 0.0 in values and not np.signbit(values[len(values) // 2])  # +0, not -0
+    assert np.isfinite(values).all()
+
+
+def test_float_format_default_exponent_bits():
+    from jaxcomp.quant.formats import float_format
+
+    assert [float_format(b).kind for b in range(2, 9)] == [
+        "fp2e1", "fp3e2", "fp4e2", "fp5e2", "fp6e3", "fp7e3", "fp8e4"]
+
+
+def test_float_format_agrees_with_named_minifloats():
+    from jaxcomp.quant.formats import float_format
+
+    assert float_format(4, 2).values == minifloat("fp4").values  # e2m1: no inf/NaN either
+    general = set(float_format(8, 4).values)
+    e4m3fn = set(minifloat("fp8_e4m3").values)
+    # e4m3fn spends S.1111.111 on NaN (max 448); here it is the finite value 480.
+    assert general - e4m3fn == {480.0, -480.0} and e4m3fn <= general
+    e5m2 = set(minifloat("fp8_e5m2").values)
+    general_e5 = set(float_format(8, 5).values)
+    extra = sorted(general_e5 - e5m2)
+    assert e5m2 <= general_e5 and len(extra) == 8 and extra[-1] == 114688.0  # 1.75 * 2^16
+    assert min(v for v in extra if v > 0) > max(e5m2)  # only the top (inf/NaN) exponent added
+
+
+def test_float_format_names_and_format_from_name():
+    from jaxcomp.quant.formats import float_format
+
+    assert float_format(5).name == "fp5e2-g64"
+    assert float_format(6, group_size="channel").name == "fp6e3-channel"
+    assert float_format(4, 3, 32).name == "fp4e3-g32"
+    assert format_from_name("fp", bits=5, group_size=64) == float_format(5, None, 64)
+    assert format_from_name("fp5e3", group_size=128) == float_format(5, 3, 128)
+    assert format_from_name("fp", bits=3, group_size="tensor").granularity == "tensor"
+    # the named formats keep their meaning
+    assert format_from_name("fp4", group_size=32) == minifloat("fp4", 32)
+    assert format_from_name("fp8_e4m3", group_size=32) == minifloat("fp8_e4m3", 32)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: format_from_name("fp"), "needs bits"),
+    (lambda: format_from_name("fp", bits=9), "bits in 2..8"),
+    (lambda: format_from_name("fp", bits=1), "bits in 2..8"),
+    (lambda: format_from_name("fp5e5"), "exp_bits in 1..4"),
+    (lambda: format_from_name("fp3e0"), "exp_bits in 1..2"),
+    (lambda: format_from_name("fp5e2", group_size=0), "group_size"),
+])
+def test_bad_float_formats(make, match):
+    with pytest.raises(JaxcompError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("bits, group", [(2, 32), (3, 64), (5, 32), (6, "channel"), (7, 16),
+                                         (8, "tensor")])
+def test_float_format_quantize_round_trip(bits, group):
+    from jaxcomp.quant.formats import float_format
+
+    fmt = float_format(bits, group_size=group, scale_dtype="float32")
+    rng = np.random.default_rng(bits)
+    k, n = 100, 6
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    q = quantize_array(w, fmt)
+    assert q.packed.shape == (-(-k // 8) * bits, n)  # bits per code as the name says
+    codes = np.asarray(q.codes())
+    assert codes.max() < len(fmt.values)
+    rows = group_rows(fmt, k)
+    scale = np.repeat(np.asarray(q.scales, np.float32), rows, axis=0)[:k]
+    if fmt.granularity == "tensor":
+        scale = np.broadcast_to(scale[:1, :1], (k, n))
+    else:
+        scale = np.broadcast_to(scale, (k, n))
+    values = np.asarray(fmt.values)
+    deq = np.asarray(q.materialize())
+    # Decoding is the codebook times the scale; nearest rounding: within half the largest gap.
+    np.testing.assert_allclose(deq, values[codes] * scale, rtol=1e-6)
+    assert (np.abs(deq - w) <= np.max(np.diff(values)) / 2 * scale * (1 + 1e-5)).all()
+    # The absmax weight of a group lands on the top code exactly (float32 scales).
+    if fmt.granularity == "tensor":
+        at = np.unravel_index(np.argmax(np.abs(w)), w.shape)
+    else:
+        at = (np.argmax(np.abs(w[:rows, 0])), 0)
+    np.testing.assert_allclose(abs(deq[at]), abs(w[at]), rtol=1e-6)
+    assert abs(codes[at] - (len(values) - 1) / 2) == (len(values) - 1) / 2
+
+
+def test_float_format_grid_values_survive():
+    from jaxcomp.quant.formats import float_format
+
+    fmt = float_format(5, 2, 32, scale_dtype="float32")
+    values = np.asarray(fmt.values)
+    codes = np.random.default_rng(7).integers(0, len(values), size=(64, 4))
+    codes[0], codes[32] = len(values) - 1, 0  # the extremes present in each group
+    w = (values[codes] * 2.0**-3).astype(np.float32)
+    q = quantize_array(w, fmt)
+    np.testing.assert_array_equal(np.asarray(q.materialize()), w)
+    np.testing.assert_array_equal(np.asarray(q.codes()), codes)
