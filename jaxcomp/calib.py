@@ -40,11 +40,15 @@ class InputStats:
       gram: ``(in_features, in_features)`` float64 ``X^T X``.
       count: number of rows (tokens) summed.
       absmax: ``(in_features,)`` per-channel ``max |X|`` (SmoothQuant), when collected.
+      head_grams: LLaMA ``v_proj`` only: ``(kv_heads, in, in)`` Gram matrices of the
+        attention-mixed inputs ``A_h X`` per kv head, whose output error is what a value error
+        costs after attention (GPTQ uses them: the first token is an attention sink).
     """
 
     gram: np.ndarray
     count: int
     absmax: np.ndarray | None = None
+    head_grams: np.ndarray | None = None
 
     def channel_rms(self) -> np.ndarray:
         """Root-mean-square of each input channel."""
@@ -62,19 +66,24 @@ class InputStats:
 def _accumulate(sums: dict, sown) -> None:
     """Adds one batch's sown ``gram``/``absmax`` into ``sums[kernel path]``."""
     for keypath, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
-        # keypath: (..., "q_proj", "gram", 0) -> the kernel beside it
-        path = path_str(keypath[:-2]) + "/kernel"
+        # keypath: (..., "q_proj", "gram", 0) -> the kernel beside it; an attention module's
+        # (..., "self_attn", "v_proj_head_grams", 0) -> its v_proj kernel
         kind = path_str(keypath[-2:-1])
+        if kind == "v_proj_head_grams":
+            path, kind = path_str(keypath[:-2]) + "/v_proj/kernel", "head_grams"
+        else:
+            path = path_str(keypath[:-2]) + "/kernel"
         entry = sums.setdefault(path, {})
         value = np.asarray(value, np.float64)
-        if kind == "gram":
-            entry["gram"] = entry.get("gram", 0.0) + value
-        else:
+        if kind == "absmax":
             entry["absmax"] = np.maximum(entry.get("absmax", 0.0), value)
+        else:
+            entry[kind] = entry.get(kind, 0.0) + value
 
 
 def _finish(sums: dict, count: int) -> dict[str, InputStats]:
-    return {p: InputStats(e["gram"], count, e.get("absmax")) for p, e in sums.items()}
+    return {p: InputStats(e["gram"], count, e.get("absmax"), e.get("head_grams"))
+            for p, e in sums.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -173,6 +182,7 @@ class BlockStep:
     rules: tuple
     defaults: Mapping[str, Any]
     desc: str
+    head_grams: bool = False  # also collect v_proj's per-kv-head attention-mixed Grams
 
 
 def _batches(x, batch_size):
@@ -214,10 +224,13 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
     def forward(bp, x):
         return block.apply({"params": bp}, x, positions[:x.shape[0]])[0]
 
+    # Per-head value Grams cost kv_heads x in^2 each (4 GB for LLaMA-2-7B): only when asked.
+    collections = ["calib", *(["calib_heads"] if any(s.head_grams for s in steps) else [])]
+
     @jax.jit
     def sown(bp, x):
-        _, out = block.apply({"params": bp}, x, positions[:x.shape[0]], mutable=["calib"])
-        return out["calib"]
+        _, out = block.apply({"params": bp}, x, positions[:x.shape[0]], mutable=collections)
+        return [out.get(c, {}) for c in collections]
 
     def run(bp, x):
         return jnp.concatenate([forward(bp, b) for b in _batches(x, bs)])
@@ -234,7 +247,8 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
         def collect(bp, x=x):
             sums: dict[str, dict] = {}
             for b in _batches(x, bs):
-                _accumulate(sums, sown(bp, b))
+                for tree in sown(bp, b):
+                    _accumulate(sums, tree)
             return _finish(sums, x.shape[0] * x.shape[1])
 
         for j, step in enumerate(steps):
@@ -261,7 +275,7 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
 
 
 def block_transform(fn: Callable[..., Any], rules=None, *, targets=(), ignore=(),
-                    desc: str = "calibrate", **defaults):
+                    desc: str = "calibrate", head_grams: bool = False, **defaults):
     """Makes a calibrated transform ``transform(params, calib) -> params`` from a block step.
 
     Args:
@@ -269,6 +283,7 @@ def block_transform(fn: Callable[..., Any], rules=None, *, targets=(), ignore=()
         block-relative path to its arguments (``defaults`` updated by the rule's ``args``).
       rules, targets, ignore: selection over full param paths (``layers_3/mlp/up_proj/kernel``).
       desc: name in errors.
+      head_grams: the step reads ``InputStats.head_grams`` (collected only then).
       **defaults: arguments for every selected leaf.
 
     Returns:
@@ -277,7 +292,7 @@ def block_transform(fn: Callable[..., Any], rules=None, *, targets=(), ignore=()
       into one pass over the blocks).
     """
     step = BlockStep(fn, tuple(make_rules(rules, targets=targets, ignore=ignore)), defaults,
-                     desc)
+                     desc, head_grams)
     return steps_transform((step,))
 
 

@@ -128,7 +128,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention(q, k, v, q_positions, k_positions, *, sliding_window=None):
+def attention(q, k, v, q_positions, k_positions, *, sliding_window=None, return_probs=False):
     """Causal grouped-query attention.
 
     Args:
@@ -136,9 +136,10 @@ def attention(q, k, v, q_positions, k_positions, *, sliding_window=None):
       q_positions: (B, T) absolute positions; k_positions: (S,) absolute key positions
         (keys at positions after a query are masked, which also hides unwritten cache slots).
       sliding_window: if set, keys more than this many positions back are masked too.
+      return_probs: also return the (B, KVH, H/KVH, T, S) attention probabilities.
 
     Returns:
-      (B, T, H, D) attention output in q's dtype.
+      (B, T, H, D) attention output in q's dtype (and the probabilities when asked).
     """
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -152,8 +153,8 @@ def attention(q, k, v, q_positions, k_positions, *, sliding_window=None):
         mask &= kpos > qpos - sliding_window
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return (out, probs) if return_probs else out
 
 
 def update_cache(layer_cache, k, v, index):

@@ -56,7 +56,19 @@ class LlamaAttention(nn.Module):
             new_cache = update_cache(layer_cache, k, v, index)
             k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
             k_positions = jnp.arange(k.shape[1])
-        out = attention(q, k, v, positions, k_positions, sliding_window=cfg.sliding_window)
+        if self.is_mutable_collection("calib_heads"):  # calibration of v_proj (see below)
+            out, probs = attention(q, k, v, positions, k_positions,
+                                   sliding_window=cfg.sliding_window, return_probs=True)
+            # A value error reaches the output weighted by attention: token s's value is used
+            # with weight a_ts by every query t (attention sinks: ~1 for the first token). The
+            # output error of kv head h is ||A_h X D_h||^2, so v_proj's Hessian per kv head is
+            # the Gram of the attention-mixed inputs A_h X (summed over h's query heads).
+            mixed = jnp.einsum("bkgts,bsd->bkgtd", probs.astype(jnp.float32),
+                               x.astype(jnp.float32))
+            self.sow("calib_heads", "v_proj_head_grams",
+                     jnp.einsum("bkgtd,bkgte->kde", mixed, mixed, precision="highest"))
+        else:
+            out = attention(q, k, v, positions, k_positions, sliding_window=cfg.sliding_window)
         out = Linear(cfg.hidden_size, cfg.o_bias, self.dtype, self.param_dtype,
                      name="o_proj")(out.reshape(b, t, -1))
         return out, new_cache

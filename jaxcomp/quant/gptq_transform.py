@@ -8,6 +8,8 @@ layers one after another with re-collected inputs is "true sequential", not done
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from jaxcomp.calib import block_transform
 from jaxcomp.core.leaf import CompressedLeaf
 from jaxcomp.core.rules import leaves_by_path, replace_leaves
@@ -15,6 +17,7 @@ from jaxcomp.core.transform import register_transform
 from jaxcomp.errors import JaxcompError
 from jaxcomp.quant.formats import CodebookFormat, IntFormat, format_from_name
 from jaxcomp.quant.gptq import gptq_quantize
+from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.transform import DEFAULT_IGNORE, DEFAULT_TARGETS
 
 
@@ -48,7 +51,29 @@ def _gptq_leaf(w, gram, fmt, name: str, **opts):
     return w.map_factors(inner), infos[0]
 
 
-def _gptq_block(block_params, ctx, selected, report):
+def _dense(leaf):
+    return leaf.materialize() if isinstance(leaf, CompressedLeaf) else leaf
+
+
+def _per_head_gptq(w, head_grams, fmt, name: str, **opts):
+    """GPTQ of a LLaMA ``v_proj`` with one Hessian per kv head (its columns): the Gram of the
+    attention-mixed inputs, so a value error counts as much as attention uses that value."""
+    heads = head_grams.shape[0]
+    if fmt.granularity == "tensor":  # one scale for all heads: one (summed) Hessian
+        return gptq_quantize(w, head_grams.sum(0), fmt, name=name, **opts)
+    width = w.shape[1] // heads
+    parts = [gptq_quantize(w[:, h * width:(h + 1) * width], head_grams[h], fmt,
+                           name=f"{name} (kv head {h})", **opts) for h in range(heads)]
+    qs = [q for q, _ in parts]
+    zeros = None if qs[0].zeros is None else jnp.concatenate([q.zeros for q in qs], axis=1)
+    q = QArray(jnp.concatenate([q.packed for q in qs], axis=1),
+               jnp.concatenate([q.scales for q in qs], axis=1), zeros, fmt, tuple(w.shape),
+               qs[0].orig_dtype)
+    return q, {"damp": max(info["damp"] for _, info in parts),
+               "dead_inputs": max(info["dead_inputs"] for _, info in parts)}
+
+
+def _gptq_block(block_params, ctx, selected, report, attention_values: bool):
     leaves = leaves_by_path(block_params)
     new = {}
     for path, args in selected.items():
@@ -56,18 +81,26 @@ def _gptq_block(block_params, ctx, selected, report):
         stats = ctx.stats.get(path)
         if stats is None:
             raise JaxcompError(f"{name}: no calibration statistics (not a Linear kernel?)")
-        new[path], info = _gptq_leaf(leaves[path], stats.gram, _format(args), name,
-                                     block_size=args["block_size"], damp=args["damp"],
-                                     act_order=args["act_order"])
-        report[name] = {"proxy_error": round(info["proxy_error"], 6), "damp": info["damp"]}
+        opts = dict(block_size=args["block_size"], damp=args["damp"],
+                    act_order=args["act_order"])
+        w = leaves[path]
+        if (attention_values and stats.head_grams is not None
+                and not isinstance(w, CompressedLeaf)):
+            new[path], info = _per_head_gptq(jnp.asarray(w), stats.head_grams, _format(args),
+                                             name, **opts)
+        else:
+            new[path], info = _gptq_leaf(w, stats.gram, _format(args), name, **opts)
+        # one yardstick for every layer: squared relative output error on the block's inputs
+        error = stats.output_error(_dense(w), _dense(new[path])) ** 2
+        report[name] = {"proxy_error": round(error, 6), "damp": info["damp"]}
     return replace_leaves(block_params, new)
 
 
 @register_transform("gptq")
 def gptq(fmt=None, *, format: str = "int", bits: int | None = 4, group_size=128,
          symmetric: bool = False, scale_dtype: str = "bfloat16", block_size: int = 128,
-         damp: float = 0.01, act_order: bool = False, rules=None, targets=DEFAULT_TARGETS,
-         ignore=DEFAULT_IGNORE, report_sink=None):
+         damp: float = 0.01, act_order: bool = False, attention_values: bool = True,
+         rules=None, targets=DEFAULT_TARGETS, ignore=DEFAULT_IGNORE, report_sink=None):
     """GPTQ quantization of the selected kernels into packed ``QArray`` leaves.
 
     Args:
@@ -77,6 +110,12 @@ def gptq(fmt=None, *, format: str = "int", bits: int | None = 4, group_size=128,
       damp: Hessian damping (fraction of the mean diagonal); raised tenfold with a warning
         while the Hessian is not positive definite.
       act_order: rows in decreasing Hessian-diagonal order, with static groups.
+      attention_values: LLaMA ``v_proj``: one Hessian per kv head from the attention-mixed
+        inputs ``A_h X`` (the error that reaches the attention output) instead of ``X^T X``.
+        Measured on SmolLM2 W4 g128: with the plain Hessian GPTQ moves the error of
+        ``v_proj`` into the directions only the first token (an attention sink, which
+        every query attends to) excites, and perplexity ends worse than RTN's. Costs
+        ``kv_heads x in^2`` floats of statistics per layer (4 GB in float64 for LLaMA-2-7B).
       rules, targets, ignore: selection; a rule's ``args`` override the arguments above.
       report_sink: ``sink(kind, value)`` receiving per-layer proxy errors (the CLI's report).
 
@@ -95,7 +134,7 @@ def gptq(fmt=None, *, format: str = "int", bits: int | None = 4, group_size=128,
     report: dict = {}
 
     def step(block_params, ctx, selected):
-        out = _gptq_block(block_params, ctx, selected, report)
+        out = _gptq_block(block_params, ctx, selected, report, attention_values)
         if report_sink is not None:
             errors = [v["proxy_error"] for v in report.values()]
             report_sink("gptq", {"layers": len(report), "mean_proxy_error":
@@ -108,4 +147,4 @@ def gptq(fmt=None, *, format: str = "int", bits: int | None = 4, group_size=128,
     return block_transform(step, rules, targets=targets, ignore=ignore, desc="gptq", fmt=fmt,
                            format=format, bits=bits, group_size=group_size, symmetric=symmetric,
                            scale_dtype=scale_dtype, block_size=block_size, damp=damp,
-                           act_order=act_order)
+                           act_order=act_order, head_grams=attention_values)

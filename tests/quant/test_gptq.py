@@ -230,3 +230,46 @@ def test_streamed_checkpoint_gives_the_same_result(tiny_llama_dir, tiny_text_fil
     assert main(["recipe=smollm2_gptq_w4g128", *common, "stages.0.args.group_size=32"]) == 0
     assert main(["recipe=smollm2_w4g128_rtn", *common, f"out_dir={tmp_path / 'x'}"]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_value_head_grams_measure_the_attention_output_error(tiny):
+    """tr(D_h^T G_h D_h) summed over kv heads == the energy a value change D adds to the
+    attention output (o_proj's input): attention is linear in the values."""
+    from jaxcomp.calib import block_transform
+    from jaxcomp.core import replace_leaves
+
+    model, params, windows = tiny
+    seen = {}
+
+    def record(bp, ctx, selected):
+        seen["v"] = ctx.stats["self_attn/v_proj/kernel"].head_grams
+        d = np.random.default_rng(0).standard_normal(np.shape(bp["self_attn"]["v_proj"]["kernel"]))
+        seen["d"] = d
+        seen["o"] = ctx.collect(replace_leaves(bp, {"self_attn/v_proj/kernel": jnp.asarray(
+            d, jnp.float32)}))["self_attn/o_proj/kernel"].gram
+        return bp
+
+    step = block_transform(record, targets=[r"layers_0/self_attn/v_proj/kernel$"],
+                           head_grams=True)
+    step(params, Calibration(model, windows, batch_size=4, progress=False))
+    g, d = seen["v"], seen["d"]
+    heads, width = g.shape[0], d.shape[1] // g.shape[0]
+    predicted = sum(np.trace(d[:, h * width:(h + 1) * width].T @ g[h]
+                             @ d[:, h * width:(h + 1) * width]) for h in range(heads))
+    np.testing.assert_allclose(predicted, np.trace(seen["o"]), rtol=1e-4)
+
+
+def test_per_head_gptq_packs_one_qarray(tiny):
+    model, params, windows = tiny
+    calib = Calibration(model, windows, batch_size=4, progress=False)
+    on = get_transform("gptq")(bits=4, group_size=32)(params, calib)
+    off = get_transform("gptq")(bits=4, group_size=32, attention_values=False)(params, calib)
+    v_on = on["layers_0"]["self_attn"]["v_proj"]["kernel"]
+    v_off = off["layers_0"]["self_attn"]["v_proj"]["kernel"]
+    assert isinstance(v_on, QArray) and v_on.shape == v_off.shape
+    assert v_on.scales.shape == v_off.scales.shape
+    assert not np.array_equal(np.asarray(v_on.packed), np.asarray(v_off.packed))
+    np.testing.assert_array_equal(np.asarray(on["layers_0"]["self_attn"]["q_proj"]["kernel"]
+                                             .packed),
+                                  np.asarray(off["layers_0"]["self_attn"]["q_proj"]["kernel"]
+                                             .packed))
