@@ -50,7 +50,7 @@ from jaxcomp.core.transform import register_transform
 from jaxcomp.errors import JaxcompError
 from jaxcomp.quant.actquant import ActQuant
 from jaxcomp.quant.awq import clip_to_ratios, search_clip, search_scales
-from jaxcomp.quant.formats import CodebookFormat, IntFormat, format_from_name
+from jaxcomp.quant.formats import format_from_name, resolve_format
 from jaxcomp.quant.rtn import quantize_array
 from jaxcomp.quant.smoothquant import smooth_scales, weight_absmax
 from jaxcomp.quant.transform import DEFAULT_TARGETS
@@ -306,16 +306,7 @@ def _awq_format(args: Mapping[str, Any], where: str):
     grid = args["alpha_grid"]
     if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
         raise JaxcompError(f"{where}: alpha_grid must be an integer >= 1, got {grid!r}")
-    fmt = args["fmt"]
-    if fmt is None:
-        try:
-            return format_from_name(args["format"], args["bits"], args["group_size"],
-                                    args["symmetric"], args["scale_dtype"])
-        except JaxcompError as e:
-            raise JaxcompError(f"{where}: {e}") from None
-    if not isinstance(fmt, (IntFormat, CodebookFormat)):
-        raise JaxcompError(f"{where}: fmt must be a quantization format, got {fmt!r}")
-    return fmt
+    return resolve_format(args, where)
 
 
 def _awq_block(block_params, ctx: BlockContext, selected: Mapping[str, dict]):

@@ -39,7 +39,7 @@ from jaxcomp.quant.clipping import (
     init_clip_params,
     quantize_clipped,
 )
-from jaxcomp.quant.formats import CodebookFormat, IntFormat, format_from_name
+from jaxcomp.quant.formats import resolve_format
 from jaxcomp.quant.rtn import _check
 from jaxcomp.quant.transform import DEFAULT_TARGETS
 
@@ -53,16 +53,7 @@ def _format(args: Mapping, where: str):
         raise JaxcompError(f"{where}: learn_clip has no per-kernel argument {unknown[0]!r} "
                            f"(per kernel: {', '.join(_KERNEL_ARGS)}; steps, lr, batch_size "
                            "and seed apply to whole blocks: set them on the transform)")
-    fmt = args["fmt"]
-    if fmt is None:
-        try:
-            return format_from_name(args["format"], args["bits"], args["group_size"],
-                                    args["symmetric"], args["scale_dtype"])
-        except JaxcompError as e:
-            raise JaxcompError(f"{where}: {e}") from None
-    if not isinstance(fmt, (IntFormat, CodebookFormat)):
-        raise JaxcompError(f"{where}: fmt must be a quantization format, got {fmt!r}")
-    return fmt
+    return resolve_format(args, where)
 
 
 def _inner_kernel(leaf, name: str):

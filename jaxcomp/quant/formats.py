@@ -330,3 +330,26 @@ def format_from_name(name: str, bits: int | None = None, group_size=128,
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise JaxcompError(f"unknown quantization format {name!r}{hint} "
                        f"(formats: {', '.join(FORMAT_NAMES)})")
+
+
+def resolve_format(args, where: str = "") -> Format:
+    """The format a transform's arguments ask for: ``args["fmt"]`` when it is set, else one
+    built from ``format``, ``bits``, ``group_size``, ``symmetric``, ``scale_dtype`` (the
+    recipe form). ``where`` (a param path) prefixes errors.
+
+    Example:
+      >>> resolve_format({"fmt": None, "format": "int", "bits": 3, "group_size": 128,
+      ...                 "symmetric": False, "scale_dtype": "bfloat16"}).name
+      'int3-asym-g128'
+    """
+    fmt = args.get("fmt")
+    prefix = f"{where}: " if where else ""
+    if fmt is None:
+        try:
+            return format_from_name(args["format"], args["bits"], args["group_size"],
+                                    args["symmetric"], args["scale_dtype"])
+        except JaxcompError as e:
+            raise JaxcompError(f"{prefix}{e}") from None
+    if not isinstance(fmt, (IntFormat, CodebookFormat)):
+        raise JaxcompError(f"{prefix}fmt must be a quantization format, got {fmt!r}")
+    return fmt

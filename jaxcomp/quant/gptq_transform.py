@@ -15,20 +15,10 @@ from jaxcomp.core.leaf import CompressedLeaf
 from jaxcomp.core.rules import leaves_by_path, replace_leaves
 from jaxcomp.core.transform import register_transform
 from jaxcomp.errors import JaxcompError
-from jaxcomp.quant.formats import CodebookFormat, IntFormat, format_from_name
+from jaxcomp.quant.formats import format_from_name, resolve_format
 from jaxcomp.quant.gptq import gptq_quantize
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.transform import DEFAULT_IGNORE, DEFAULT_TARGETS
-
-
-def _format(args):
-    fmt = args.get("fmt")
-    if fmt is None:
-        return format_from_name(args["format"], args["bits"], args["group_size"],
-                                args["symmetric"], args["scale_dtype"])
-    if not isinstance(fmt, (IntFormat, CodebookFormat)):
-        raise JaxcompError(f"fmt must be a quantization format, got {fmt!r}")
-    return fmt
 
 
 def _gptq_leaf(w, gram, fmt, name: str, **opts):
@@ -86,10 +76,10 @@ def _gptq_block(block_params, ctx, selected, report, attention_values: bool):
         w = leaves[path]
         if (attention_values and stats.head_grams is not None
                 and not isinstance(w, CompressedLeaf)):
-            new[path], info = _per_head_gptq(jnp.asarray(w), stats.head_grams, _format(args),
-                                             name, **opts)
+            new[path], info = _per_head_gptq(jnp.asarray(w), stats.head_grams,
+                                             resolve_format(args), name, **opts)
         else:
-            new[path], info = _gptq_leaf(w, stats.gram, _format(args), name, **opts)
+            new[path], info = _gptq_leaf(w, stats.gram, resolve_format(args), name, **opts)
         # one yardstick for every layer: squared relative output error on the block's inputs
         error = stats.output_error(_dense(w), _dense(new[path])) ** 2
         report[name] = {"proxy_error": round(error, 6), "damp": info["damp"]}

@@ -6,7 +6,7 @@ from jaxcomp.core.leaf import CompressedLeaf
 from jaxcomp.core.rules import require_matrix
 from jaxcomp.core.transform import leaf_transform, register_transform
 from jaxcomp.errors import JaxcompError
-from jaxcomp.quant.formats import CodebookFormat, IntFormat, format_from_name
+from jaxcomp.quant.formats import format_from_name, resolve_format
 from jaxcomp.quant.qarray import QArray
 from jaxcomp.quant.rtn import quantize_array
 
@@ -18,10 +18,8 @@ DEFAULT_IGNORE = ()
 
 def _quantize_leaf(w, path, fmt=None, format="int", bits=None, group_size=128, symmetric=False,
                    scale_dtype="bfloat16", clip_search=False):
-    if fmt is None:
-        fmt = format_from_name(format, bits, group_size, symmetric, scale_dtype)
-    elif not isinstance(fmt, (IntFormat, CodebookFormat)):
-        raise JaxcompError(f"fmt must be a quantization format, got {fmt!r}")
+    fmt = resolve_format(dict(fmt=fmt, format=format, bits=bits, group_size=group_size,
+                              symmetric=symmetric, scale_dtype=scale_dtype))
 
     def quantize_matrix(m, name):
         if isinstance(m, CompressedLeaf):
