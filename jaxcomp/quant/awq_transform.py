@@ -45,7 +45,7 @@ import numpy as np
 
 from jaxcomp.calib import BlockContext, InputStats, block_transform
 from jaxcomp.core.leaf import CompressedLeaf
-from jaxcomp.core.rules import make_rules
+from jaxcomp.core.rules import make_rules, replace_leaves
 from jaxcomp.core.transform import register_transform
 from jaxcomp.errors import JaxcompError
 from jaxcomp.quant.actquant import ActQuant
@@ -146,13 +146,6 @@ def _get(tree, path: str):
     return node
 
 
-def _set(tree, path: str, value):
-    key, _, rest = path.partition("/")
-    out = dict(tree)
-    out[key] = _set(tree[key], rest, value) if rest else value
-    return out
-
-
 def _plain(tree, path: str, what: str):
     leaf = _get(tree, path)
     if isinstance(leaf, CompressedLeaf):
@@ -198,13 +191,13 @@ def apply_scales(block_params, cfg, scales: Mapping[str, Any]):
             if s.shape != (w.shape[0],) or not np.all(np.isfinite(s)) or np.any(s <= 0):
                 raise JaxcompError(f"{m}: scales must be {w.shape[0]} finite positive values, "
                                    f"got shape {s.shape}")
-            out = _set(out, m, _scaled(w, s[:, None]))
+            out = replace_leaves(out, {m: _scaled(w, s[:, None])})
         inv = 1.0 / group.prev_scales(s)
         prev = _plain(out, group.prev, "folding scales")
-        out = _set(out, group.prev, _scaled(prev, inv if group.prev_kind == "norm"
-                                            else inv[None, :]))
+        scaled = _scaled(prev, inv if group.prev_kind == "norm" else inv[None, :])
+        out = replace_leaves(out, {group.prev: scaled})
         if group.prev_bias is not None:
-            out = _set(out, group.prev_bias, _scaled(_get(out, group.prev_bias), inv))
+            out = replace_leaves(out, {group.prev_bias: _scaled(_get(out, group.prev_bias), inv)})
     return out
 
 
@@ -336,7 +329,7 @@ def _awq_block(block_params, ctx: BlockContext, selected: Mapping[str, dict]):
             w = clip_to_ratios(w, fmt, search_clip(w, fmt, grams[path])).astype(w.dtype)
         if args["quantize"]:
             w = quantize_array(w, fmt, name=path)
-        block_params = _set(block_params, path, w)
+        block_params = replace_leaves(block_params, {path: w})
     return block_params
 
 
@@ -432,7 +425,7 @@ def _smoothquant_block(block_params, ctx: BlockContext, selected: Mapping[str, d
         w = _get(block_params, path)
         if fmts[path] is not None:
             w = quantize_array(w, fmts[path], name=path)
-        block_params = _set(block_params, path, ActQuant(w, args["act_bits"]))
+        block_params = replace_leaves(block_params, {path: ActQuant(w, args["act_bits"])})
     return block_params
 
 
