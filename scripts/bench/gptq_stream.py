@@ -2,7 +2,7 @@
 """Streams a LLaMA-2-7B-shaped checkpoint through block-sequential GPTQ W4 g128.
 
 Usage: python scripts/bench/gptq_stream.py [--dir /tmp/llama7b_random] [--layers 3]
-       [--samples 16] [--seq-len 512] [--keep]
+       [--samples 16] [--seq-len 512] [--no-attention-values] [--keep]
 
 1. Writes a random bf16 HF checkpoint with LLaMA-2-7B's shapes and ``--layers`` decoder layers
    (the generator of ``tt_stream.py``), unless --dir already holds one. Random weights: the
@@ -39,6 +39,9 @@ def main():
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
+    ap.add_argument("--attention-values", action=argparse.BooleanOptionalAction, default=True,
+                    help="v_proj with per-kv-head Hessians (the gptq default; 32 x 4096^2 "
+                         "float64 Gram matrices per block at 7B)")
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         start = time.perf_counter()
@@ -55,7 +58,8 @@ def main():
         return bp
 
     steps = (block_transform(clock, targets=[r"q_proj/kernel$"]).block_steps
-             + get_transform("gptq")(bits=4, group_size=128).block_steps)
+             + get_transform("gptq")(bits=4, group_size=128,
+                                          attention_values=args.attention_values).block_steps)
     start = time.perf_counter()
     out = run_blocks(params, Calibration(model, windows, batch_size=4, progress=True), steps)
     seconds = time.perf_counter() - start
@@ -66,6 +70,7 @@ def main():
                  for layer in group.values() if isinstance(layer, dict)
                  for leaf in layer.values() if hasattr(leaf, "nbytes"))
     print(json.dumps({"layers": cfg.num_layers, "calib_tokens": int(windows.size),
+                      "attention_values": args.attention_values,
                       "seconds": round(seconds, 1), "seconds_per_block": per_block,
                       "packed_block_bytes": packed, "peak_rss_gib": round(peak_rss_gib(), 2)}))
     if not args.keep:
