@@ -55,6 +55,10 @@ def main():
     ap.add_argument("--paths", nargs="*", default=["kernel", "xla", "dense_bf16"])
     ap.add_argument("--out", default=None, help="keep the trace here (default: a temp dir)")
     args = ap.parse_args()
+    if jax.default_backend() != "gpu":
+        print(f"kernel_profile.py: needs a GPU (device times come from its kernel trace); "
+              f"this is {jax.default_backend()}", file=sys.stderr)
+        sys.exit(2)
     import pallas_kernels.qmatmul.ops as ops
 
     for spec in args.tiling:

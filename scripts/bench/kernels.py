@@ -38,14 +38,14 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 
 
 def time_op(fn, x, weights, calls: int, copies: int = 16):
-    """Device seconds per ``fn(x, weights)``.
+    """Wall seconds per ``fn(x, weights)`` call.
 
     One jitted program makes ``calls`` independent calls on distinct inputs, cycling through
     ``copies`` distinct copies of the weights (so the weights come from HBM, not from a
     50-60 MB L2), and returns every output (nothing can be sliced away). Its wall time, best of
-    5, is divided by ``calls``: the dispatch and the final sync are amortized and no host
-    round trip sits between calls (a ``fori_loop`` syncs with the host each iteration on GPUs,
-    which put a floor of ~15 us under every op in an earlier version of this script).
+    5, is divided by ``calls``, so dispatch and the final sync are amortized; host kernel
+    launches are not (see the module docstring). An earlier version timed a ``fori_loop`` on
+    one perturbed input, which on an H200 reported dense bf16 at 1.7x its device time.
     """
     copies = min(copies, calls)
     ws = [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), weights)
