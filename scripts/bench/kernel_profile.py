@@ -28,7 +28,7 @@ from jaxcomp.core.dispatch import use_matmul_impl  # noqa: E402
 from jaxcomp.quant import quantize_array  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import FORMATS, parse_tiling  # noqa: E402
+from kernels import FORMATS, apply_tilings  # noqa: E402
 
 
 def device_events(trace_dir: str):
@@ -59,14 +59,7 @@ def main():
         print(f"kernel_profile.py: needs a GPU (device times come from its kernel trace); "
               f"this is {jax.default_backend()}", file=sys.stderr)
         sys.exit(2)
-    import pallas_kernels.qmatmul.ops as ops
-
-    for spec in args.tiling:
-        if spec.endswith("=none"):
-            ops.TILINGS["gpu"].pop(spec.split("=")[0], None)
-            continue
-        regime, tiling = parse_tiling(spec)
-        ops.TILINGS["gpu"][regime] = tiling
+    apply_tilings("gpu", args.tiling)
     rng = np.random.default_rng(0)
     w = rng.normal(size=(args.k, args.n)).astype(np.float32) * 0.02
     q = quantize_array(w, FORMATS[args.format])

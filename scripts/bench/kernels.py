@@ -93,14 +93,8 @@ def main():
 
     if args.sweep:
         return sweep(args, backend, device, emit)
-    import pallas_kernels.qmatmul.ops as ops
-
-    for spec in args.tiling + (best_tilings(args.tiling_from) if args.tiling_from else []):
-        if spec.endswith("=none"):  # drop a regime: that regime takes the XLA path
-            ops.TILINGS[backend].pop(spec.split("=")[0], None)
-            continue
-        regime, tiling = parse_tiling(spec)
-        ops.TILINGS[backend][regime] = tiling
+    apply_tilings(backend, args.tiling + (best_tilings(args.tiling_from) if args.tiling_from
+                                          else []))
     for name in args.formats:  # correctness first, on a small odd-tailed shape, each regime
         q = quantize_array(rng.normal(size=(576, 256)).astype(np.float32), FORMATS[name])
         for m in (1, 3, 8, 64):
@@ -146,6 +140,19 @@ def parse_tiling(spec: str):
     return regime, Tiling(16 if regime == "decode" else 64, bn, warps, stages, programs)
 
 
+def apply_tilings(backend: str, specs) -> None:
+    """Overrides ``ops.TILINGS[backend]`` with each spec; ``regime=none`` drops that regime
+    (it then takes the XLA path)."""
+    import pallas_kernels.qmatmul.ops as ops
+
+    for spec in specs:
+        if spec.endswith("=none"):
+            ops.TILINGS[backend].pop(spec.split("=")[0], None)
+        else:
+            regime, tiling = parse_tiling(spec)
+            ops.TILINGS[backend][regime] = tiling
+
+
 def best_tilings(path: str) -> list[str]:
     """The fastest spec per regime of a ``--sweep`` output (total time over the shapes; specs
     that failed on a shape are out)."""
@@ -181,8 +188,7 @@ def sweep(args, backend, device, emit):
               "device": device})
         for spec in grid:
             saved = dict(ops.TILINGS[backend])
-            regime, tiling = parse_tiling(spec)
-            ops.TILINGS[backend][regime] = tiling
+            apply_tilings(backend, [spec])
             try:
                 t = time_op(lambda x, q: qmatmul(x, q, backend), x, q, args.reps)
                 row = {"kernel_us": t * 1e6, "speedup_vs_bf16": t_dense / t}
