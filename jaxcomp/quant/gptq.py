@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.linalg import lapack
 
+from jaxcomp.calib import relative_output_error
 from jaxcomp.errors import JaxcompError
 from jaxcomp.quant.formats import Format
 from jaxcomp.quant.qarray import QArray, group_rows
@@ -67,7 +68,7 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01, *, max_retri
     for attempt in range(max_retries + 1):
         # LAPACK in place on one K x K float64 buffer (1 GB at K = 11008): H = C^T C, then
         # H^-1 from C, then its upper Cholesky factor (each call reads the upper triangle).
-        a = np.array(hessian, np.float64)
+        a = np.array(hessian, np.float64, order="F")  # Fortran order: LAPACK works in place
         a[dead, :] = 0
         a[:, dead] = 0
         a[diag] += np.where(dead, 1.0, 0.0) + damp * mean_diag
@@ -187,7 +188,7 @@ def gptq_quantize(w, hessian: np.ndarray, fmt: Format | None, *, block_size: int
                            f"kernel's {k} input features")
     perm = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(k)
     u, dead, damp_used = inverse_hessian_factor(
-        np.asarray(hessian, np.float64)[np.ix_(perm, perm)], damp, name=name)
+        np.asarray(hessian)[np.ix_(perm, perm)] if act_order else hessian, damp, name=name)
     grouped = fmt is not None and fmt.granularity == "group"
     rows = group_rows(fmt, k) if fmt is not None else k
     groups = -(-k // rows)
@@ -199,10 +200,13 @@ def gptq_quantize(w, hessian: np.ndarray, fmt: Format | None, *, block_size: int
     w32[perm[dead]] = 0.0  # dead inputs: no signal, no weight (reference GPTQ)
     wp = np.zeros((kp, n), np.float32)
     wp[:k] = w32[perm]
-    up = np.zeros((kp, kp), np.float32)
-    up[:k, :k] = u
-    del u
-    up[np.arange(k, kp), np.arange(k, kp)] = 1.0
+    if kp == k:
+        up = jnp.asarray(u, jnp.float32)
+    else:
+        up = np.zeros((kp, kp), np.float32)
+        up[:k, :k] = u
+        up[np.arange(k, kp), np.arange(k, kp)] = 1.0
+    del u  # the float64 factor (1 GB at K = 11008)
     row_group = np.zeros(kp, np.int32)
     if grouped:
         row_group[:k] = (np.arange(k) // rows)[perm]
@@ -226,11 +230,8 @@ def gptq_quantize(w, hessian: np.ndarray, fmt: Format | None, *, block_size: int
         fmt=fmt, block_size=block, dynamic_groups=dynamic, group=rows)
     inv = np.argsort(perm)
     values = np.asarray(values)[:k][inv]
-    diff = np.asarray(w, np.float64) - values
-    h64 = np.asarray(hessian, np.float64)
-    den = float(np.sum(np.asarray(w, np.float64) * (h64 @ np.asarray(w, np.float64))))
     info = {"damp": damp_used, "dead_inputs": int(dead.sum()),
-            "proxy_error": float(np.sum(diff * (h64 @ diff)) / den) if den > 0 else 0.0}
+            "proxy_error": relative_output_error(hessian, np.asarray(w), values) ** 2}
     if fmt is None:
         return jnp.asarray(values, w.dtype), info
     codes = jnp.asarray(np.asarray(codes)[:k][inv])

@@ -41,10 +41,6 @@ def _gptq_leaf(w, gram, fmt, name: str, **opts):
     return w.map_factors(inner), infos[0]
 
 
-def _dense(leaf):
-    return leaf.materialize() if isinstance(leaf, CompressedLeaf) else leaf
-
-
 def _per_head_gptq(w, head_grams, fmt, name: str, **opts):
     """GPTQ of a LLaMA ``v_proj`` with one Hessian per kv head (its columns): the Gram of the
     attention-mixed inputs, so a value error counts as much as attention uses that value."""
@@ -74,14 +70,16 @@ def _gptq_block(block_params, ctx, selected, report, attention_values: bool):
         opts = dict(block_size=args["block_size"], damp=args["damp"],
                     act_order=args["act_order"])
         w = leaves[path]
+        # one yardstick for every layer: squared relative output error on the block's inputs
+        # (gptq_quantize measures it with the Hessian it was given)
         if (attention_values and stats.head_grams is not None
                 and not isinstance(w, CompressedLeaf)):
             new[path], info = _per_head_gptq(jnp.asarray(w), stats.head_grams,
                                              resolve_format(args), name, **opts)
+            error = stats.output_error(w, new[path].materialize()) ** 2
         else:
             new[path], info = _gptq_leaf(w, stats.gram, resolve_format(args), name, **opts)
-        # one yardstick for every layer: squared relative output error on the block's inputs
-        error = stats.output_error(_dense(w), _dense(new[path])) ** 2
+            error = info["proxy_error"]
         report[name] = {"proxy_error": round(error, 6), "damp": info["damp"]}
     return replace_leaves(block_params, new)
 

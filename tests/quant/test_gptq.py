@@ -122,6 +122,33 @@ def test_gptq_transform_block_sequential(tiny):
     assert mse(q) < mse(rtn)
 
 
+def test_layers_with_one_input_share_one_gram(tiny):
+    """q/k/v (and gate/up) get one shared float64 sum, added to once per batch."""
+    from jaxcomp.calib import _sown_stats
+
+    model, params, windows = tiny
+    batched = collect_input_stats(model, params, windows, batch_size=3, progress=False)
+    raw = [_sown_stats(model, params, windows[i:i + 3]) for i in range(0, 8, 3)]
+    attn, mlp = "layers_1/self_attn/", "layers_1/mlp/"
+    q = batched[attn + "q_proj/kernel"]
+    assert q.gram is batched[attn + "k_proj/kernel"].gram is batched[attn + "v_proj/kernel"].gram
+    assert batched[mlp + "gate_proj/kernel"].gram is batched[mlp + "up_proj/kernel"].gram
+    assert q.gram is not batched[attn + "o_proj/kernel"].gram
+    for path, stats in batched.items():  # the per-batch sown values, summed here
+        want = sum(np.asarray(g, np.float64) for g in _walk(raw, path, "gram"))
+        np.testing.assert_allclose(stats.gram, want, rtol=1e-12, err_msg=path)
+        np.testing.assert_array_equal(stats.absmax, np.max(_walk(raw, path, "absmax"), axis=0))
+
+
+def _walk(trees, path, kind):
+    out = []
+    for tree in trees:
+        for key in path.split("/")[:-1]:
+            tree = tree[key]
+        out.append(np.asarray(tree[kind][0]))
+    return out
+
+
 def test_block_pass_uses_quantized_upstream(tiny):
     """Block 1's statistics come from block 0's *quantized* output, not the float one."""
     model, params, windows = tiny
