@@ -29,6 +29,17 @@ def _output_error(w, w_hat, gram):
     return np.sum(d * (gram @ d)) / np.sum(w * (gram @ w))
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_relative_output_error_in_column_chunks(chunk):
+    from jaxcomp.calib import relative_output_error
+
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((300, 48)), rng.standard_normal((48, 20))
+    w_hat = w + 0.01 * rng.standard_normal(w.shape)
+    want = np.linalg.norm(x @ (w - w_hat)) / np.linalg.norm(x @ w)
+    np.testing.assert_allclose(relative_output_error(x.T @ x, w, w_hat, chunk), want, rtol=1e-9)
+
+
 def test_infinite_bits_leaves_weights_unchanged():
     w, gram = _layer()
     out, info = gptq_quantize(w, gram, None)
