@@ -208,7 +208,7 @@ def _positive_int(value, key: str) -> int:
 @register_transform("learn_clip")
 def learn_clip(fmt=None, *, format: str = "int", bits: int | None = 4, group_size=128,
                symmetric: bool = False, scale_dtype: str = "bfloat16", steps: int = 100,
-               lr: float = 5e-3, batch_size: int = 4, seed: int = 0, rules=None,
+               lr: float = 0.02, batch_size: int = 4, seed: int = 0, rules=None,
                targets=DEFAULT_TARGETS, ignore=(), report_sink=None):
     """Learnable weight clipping (OmniQuant LWC), block by block, then packed ``QArray``s.
 
@@ -225,6 +225,8 @@ def learn_clip(fmt=None, *, format: str = "int", bits: int | None = 4, group_siz
         ``quantize``).
       steps: Adam steps per block.
       lr: learning rate of the clip logits (a step moves a strength by about ``lr / 2``).
+        SmolLM2 block 0 at 3 bits, 50 steps: block-output MSE 0.54x RTN's at 0.02, 0.73x at
+        0.005 (the recipes' value is this default).
       batch_size: calibration windows per step.
       seed: minibatch order.
       rules: ordered rules; a rule's ``args`` override the format arguments above for the
