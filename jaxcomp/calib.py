@@ -268,10 +268,14 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
     def run(bp, x):
         return jnp.concatenate([forward(bp, b) for b in _batches(x, bs)])
 
-    # Everything but the blocks is read once here (a streamed checkpoint reads on lookup).
-    new_params = {k: params[k] for k in params if not re.fullmatch(rf"{prefix}_\d+", k)}
-    x = jnp.concatenate([embed(new_params, b).astype(jnp.float32)
-                         for b in _batches(windows, bs)])
+    # Everything but the blocks (embeddings, LM head) is read for the embedding and again at
+    # the end, not held during the pass: a streamed checkpoint reads on lookup, and LLaMA-2-7B's
+    # embedding + LM head are 1 GB in float32.
+    outer_keys = [k for k in params if not re.fullmatch(rf"{prefix}_\d+", k)]
+    outer = {k: params[k] for k in outer_keys}
+    x = jnp.concatenate([embed(outer, b).astype(jnp.float32) for b in _batches(windows, bs)])
+    del outer
+    new_params = {}
     unmatched_rules = [{id(r) for r in step.rules} for step in steps]
     for i in tqdm(range(cfg.num_layers), desc="blocks", disable=not calib.progress):
         key = f"{prefix}_{i}"
@@ -299,6 +303,7 @@ def run_blocks(params, calib: Calibration, steps: tuple[BlockStep, ...]):
             del ctx  # its statistics (Gram matrices) can be large: free before the next
         new_params[key] = bp
         x = run(bp, x).astype(jnp.float32)
+    new_params = {**{k: params[k] for k in outer_keys}, **new_params}
     for step, ids in zip(steps, unmatched_rules, strict=True):
         for r in step.rules:
             if id(r) in ids:

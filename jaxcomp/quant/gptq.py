@@ -198,8 +198,9 @@ def gptq_quantize(w, hessian: np.ndarray, fmt: Format | None, *, block_size: int
     # they neither change a group's range nor spread any error.
     w32 = np.array(w, np.float32)
     w32[perm[dead]] = 0.0  # dead inputs: no signal, no weight (reference GPTQ)
-    wp = np.zeros((kp, n), np.float32)
-    wp[:k] = w32[perm]
+    wp = w32[perm] if act_order else w32  # a copy only when permuted
+    if kp > k:
+        wp = np.concatenate([wp, np.zeros((kp - k, n), np.float32)])
     if kp == k:
         up = jnp.asarray(u, jnp.float32)
     else:

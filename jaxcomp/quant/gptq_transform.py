@@ -62,9 +62,15 @@ def _per_head_gptq(w, head_grams, fmt, name: str, **opts):
 def _gptq_block(block_params, ctx, selected, report, attention_values: bool):
     leaves = leaves_by_path(block_params)
     new = {}
-    for path, args in selected.items():
+    # Narrow inputs first and each layer's statistics dropped once it is quantized: a Gram
+    # shared by q/k/v is freed after the last of them, and at LLaMA-2-7B only down_proj's
+    # 1 GB float64 Hessian is alive while its Cholesky runs.
+    all_stats = ctx.stats
+    order = sorted(selected, key=lambda p: all_stats[p].gram.shape[0] if p in all_stats else 0)
+    for path in order:
+        args = selected[path]
         name = f"{ctx.prefix}/{path}"
-        stats = ctx.stats.get(path)
+        stats = all_stats.pop(path, None)
         if stats is None:
             raise JaxcompError(f"{name}: no calibration statistics (not a Linear kernel?)")
         opts = dict(block_size=args["block_size"], damp=args["damp"],

@@ -45,7 +45,15 @@ def main():
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.dir, "config.json")):
         start = time.perf_counter()
-        write_checkpoint(args.dir, args.layers)
+        # in a child process: the writer's arrays must not count in this process's peak RSS
+        import multiprocessing
+
+        writer = multiprocessing.get_context("spawn").Process(
+            target=write_checkpoint, args=(args.dir, args.layers))
+        writer.start()
+        writer.join()
+        if writer.exitcode:
+            sys.exit(f"writing the checkpoint failed (exit code {writer.exitcode})")
         print(json.dumps({"wrote_checkpoint_s": round(time.perf_counter() - start, 1)}))
     cfg, _ = load_hf_config(args.dir)
     params = StreamedParams(args.dir, cfg)
