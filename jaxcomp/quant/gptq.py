@@ -201,12 +201,11 @@ def gptq_quantize(w, hessian: np.ndarray, fmt: Format | None, *, block_size: int
     wp = w32[perm] if act_order else w32  # a copy only when permuted
     if kp > k:
         wp = np.concatenate([wp, np.zeros((kp - k, n), np.float32)])
-    if kp == k:
-        up = jnp.asarray(u, jnp.float32)
-    else:
         up = np.zeros((kp, kp), np.float32)
         up[:k, :k] = u
         up[np.arange(k, kp), np.arange(k, kp)] = 1.0
+    else:
+        up = jnp.asarray(u, jnp.float32)
     del u  # the float64 factor (1 GB at K = 11008)
     row_group = np.zeros(kp, np.int32)
     if grouped:
