@@ -23,9 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 sys.path.insert(0, HERE)
 
+from gptq_stream import timed_blocks  # noqa: E402
 from tt_stream import peak_rss_gib  # noqa: E402
 
-from jaxcomp.calib import Calibration, block_transform, steps_transform  # noqa: E402
+from jaxcomp.calib import Calibration  # noqa: E402
 from jaxcomp.core import get_transform  # noqa: E402
 from jaxcomp.data import calib_tokens, eval_tokens, eval_windows, sample_calibration  # noqa: E402
 from jaxcomp.eval import perplexity  # noqa: E402
@@ -49,25 +50,16 @@ def main():
     windows = sample_calibration(calib_tokens(loaded.tokenizer, "enwiki-sample"), args.samples,
                                  args.seq_len)
     setup_s = time.perf_counter() - start
-    times, reports = [], []
-
-    def clock(bp, ctx, selected):  # a step that only records when each block starts
-        times.append(time.perf_counter())
-        return bp
-
+    reports = []
     gptq = get_transform("gptq")(bits=args.bits, group_size=args.group_size,
                                  attention_values=args.attention_values,
                                  report_sink=lambda kind, value: reports.append(value))
-    steps = block_transform(clock, targets=[r"q_proj/kernel$"]).block_steps + gptq.block_steps
-    start = time.perf_counter()
-    params = steps_transform(steps)(loaded.params, Calibration(model, windows, args.batch_size))
-    seconds = time.perf_counter() - start
-    ends = times[1:] + [start + seconds]
+    params, seconds, per_block = timed_blocks(
+        loaded.params, Calibration(model, windows, args.batch_size), gptq.block_steps)
     result = {
         "calib_tokens": int(windows.size), "bits": args.bits, "group_size": args.group_size,
         "attention_values": args.attention_values, "setup_s": round(setup_s, 1),
-        "gptq_s": round(seconds, 1),
-        "seconds_per_block": [round(b - a, 1) for a, b in zip(times, ends, strict=True)],
+        "gptq_s": round(seconds, 1), "seconds_per_block": per_block,
         "mean_proxy_error": reports[-1]["mean_proxy_error"],
         "peak_rss_gib": round(peak_rss_gib(), 2)}
     if args.eval_tokens:

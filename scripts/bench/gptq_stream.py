@@ -32,6 +32,22 @@ from jaxcomp.models import build_model  # noqa: E402
 from jaxcomp.models.hf import StreamedParams, load_hf_config  # noqa: E402
 
 
+def timed_blocks(params, calib, steps):
+    """``run_blocks`` with a clock: returns ``(new params, seconds, seconds per block)``."""
+    starts = []
+
+    def clock(bp, ctx, selected):  # a step that only records when each block starts
+        starts.append(time.perf_counter())
+        return bp
+
+    start = time.perf_counter()
+    out = run_blocks(params, calib,
+                     block_transform(clock, targets=[r"q_proj/kernel$"]).block_steps + steps)
+    seconds = time.perf_counter() - start
+    ends = starts[1:] + [start + seconds]
+    return out, seconds, [round(b - a, 1) for a, b in zip(starts, ends, strict=True)]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/llama7b_random")
@@ -59,20 +75,9 @@ def main():
     params = StreamedParams(args.dir, cfg)
     model = build_model(cfg)
     windows = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.samples, args.seq_len))
-    times = []
-
-    def clock(bp, ctx, selected):  # a step that only records when each block starts
-        times.append((ctx.index, time.perf_counter(), peak_rss_gib()))
-        return bp
-
-    steps = (block_transform(clock, targets=[r"q_proj/kernel$"]).block_steps
-             + get_transform("gptq")(bits=4, group_size=128,
-                                          attention_values=args.attention_values).block_steps)
-    start = time.perf_counter()
-    out = run_blocks(params, Calibration(model, windows, batch_size=4, progress=True), steps)
-    seconds = time.perf_counter() - start
-    starts = [t for _, t, _ in times] + [start + seconds]
-    per_block = [round(b - a, 1) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    gptq = get_transform("gptq")(bits=4, group_size=128, attention_values=args.attention_values)
+    out, seconds, per_block = timed_blocks(
+        params, Calibration(model, windows, batch_size=4, progress=True), gptq.block_steps)
     packed = sum(leaf.nbytes for i in range(cfg.num_layers)
                  for group in out[f"layers_{i}"].values() if isinstance(group, dict)
                  for layer in group.values() if isinstance(layer, dict)
