@@ -69,7 +69,12 @@ def main():
         writer.start()
         writer.join()
         if writer.exitcode:
-            sys.exit(f"writing the checkpoint failed (exit code {writer.exitcode})")
+            import shutil
+
+            shutil.rmtree(args.dir, ignore_errors=True)  # nothing half-written stays
+            print(f"gptq_stream.py: writing the checkpoint failed (exit code "
+                  f"{writer.exitcode})", file=sys.stderr)
+            sys.exit(2)
         print(json.dumps({"wrote_checkpoint_s": round(time.perf_counter() - start, 1)}))
     cfg, _ = load_hf_config(args.dir)
     params = StreamedParams(args.dir, cfg)
