@@ -17,7 +17,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxcomp.models.config import ModelConfig
-from jaxcomp.models.layers import Embed, LayerNorm, Linear, attention, update_cache
+from jaxcomp.models.layers import (
+    QUERY_CHUNK,
+    Embed,
+    LayerNorm,
+    Linear,
+    attention,
+    update_cache,
+)
 
 
 class GPT2Attention(nn.Module):
@@ -32,12 +39,12 @@ class GPT2Attention(nn.Module):
         qkv = Linear(3 * d, True, self.dtype, self.param_dtype, name="c_attn")(x)
         q, k, v = (a.reshape(b, t, cfg.num_heads, cfg.head_dim) for a in jnp.split(qkv, 3, -1))
         if layer_cache is None:
-            k_positions, new_cache = positions[0], None
+            k_positions, new_cache, chunk = positions[0], None, QUERY_CHUNK
         else:
             new_cache = update_cache(layer_cache, k, v, index)
             k, v = new_cache["k"].astype(self.dtype), new_cache["v"].astype(self.dtype)
-            k_positions = jnp.arange(k.shape[1])
-        out = attention(q, k, v, positions, k_positions).reshape(b, t, d)
+            k_positions, chunk = jnp.arange(k.shape[1]), None
+        out = attention(q, k, v, positions, k_positions, query_chunk=chunk).reshape(b, t, d)
         return Linear(d, True, self.dtype, self.param_dtype, name="c_proj")(out), new_cache
 
 

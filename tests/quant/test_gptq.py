@@ -270,12 +270,14 @@ def test_streamed_checkpoint_gives_the_same_result(tiny_llama_dir, tiny_text_fil
     assert not (tmp_path / "x").exists()
 
 
-def test_value_head_grams_measure_the_attention_output_error(tiny):
+@pytest.mark.parametrize("query_chunk", [12, 128])  # 32 tokens: 12 + 12 + 8, and one chunk
+def test_value_head_grams_measure_the_attention_output_error(tiny, monkeypatch, query_chunk):
     """tr(D_h^T G_h D_h) summed over kv heads == the energy a value change D adds to the
     attention output (o_proj's input): attention is linear in the values."""
     from jaxcomp.calib import block_transform
     from jaxcomp.core import replace_leaves
 
+    monkeypatch.setattr("jaxcomp.models.llama.QUERY_CHUNK", query_chunk)
     model, params, windows = tiny
     seen = {}
 
