@@ -16,6 +16,7 @@ Usage: python scripts/bench/gptq_stream.py [--dir /tmp/llama7b_random] [--layers
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -69,8 +70,6 @@ def main():
         writer.start()
         writer.join()
         if writer.exitcode:
-            import shutil
-
             shutil.rmtree(args.dir, ignore_errors=True)  # nothing half-written stays
             print(f"gptq_stream.py: writing the checkpoint failed (exit code "
                   f"{writer.exitcode})", file=sys.stderr)
