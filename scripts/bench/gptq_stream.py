@@ -91,8 +91,6 @@ def main():
                       "seconds": round(seconds, 1), "seconds_per_block": per_block,
                       "packed_block_bytes": packed, "peak_rss_gib": round(peak_rss_gib(), 2)}))
     if not args.keep:
-        import shutil
-
         shutil.rmtree(args.dir, ignore_errors=True)
 
 
