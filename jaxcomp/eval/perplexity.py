@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxcomp.models import decoder_parts
+
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
@@ -30,12 +32,48 @@ class PerplexityResult:
         return self.windows * self.seq_len / max(self.seconds, 1e-9)
 
 
+# LM-head rows per step: a batch of 8 x 512 SmolLM2 logits (vocabulary 49,152) would be 805 MB,
+# twice over with the log-softmax; 1,024 rows of them are 201 MB.
+HEAD_ROWS = 1024
+
+
+def head_nll(head, params, hidden, tokens, weight, rows: int = HEAD_ROWS):
+    """Summed negative log-likelihood of next tokens, the LM head applied ``rows`` positions
+    at a time (``lax.map``), so no array as big as a batch's logits is ever alive.
+
+    Args:
+      head: ``head(params, x) -> logits`` (:attr:`jaxcomp.models.DecoderParts.head`).
+      params: the model params the head reads.
+      hidden: ``(B, T, hidden)`` residual stream after the last block.
+      tokens: ``(B, T)`` the windows; position ``t`` predicts ``tokens[:, t + 1]``.
+      weight: ``(B,)`` per-window weight (0 masks a padding window).
+      rows: positions per head application.
+
+    Returns:
+      ``sum_b weight_b * sum_t -log p(tokens[b, t + 1] | hidden[b, t])`` as a float32 scalar.
+    """
+    b, t, h = hidden.shape
+    x = hidden[:, :-1].reshape(b * (t - 1), h)
+    targets = tokens[:, 1:].reshape(-1)
+    w = jnp.repeat(weight.astype(jnp.float32), t - 1)
+    rows = max(1, min(rows, x.shape[0]))
+    pad = -x.shape[0] % rows  # padded rows get weight 0
+    x, targets, w = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (x, targets, w))
+
+    def chunk(args):
+        xc, yc, wc = args
+        logits = head(params, xc[None])[0].astype(jnp.float32)
+        picked = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - picked) * wc)
+
+    parts = (x.reshape(-1, rows, h), targets.reshape(-1, rows), w.reshape(-1, rows))
+    return jnp.sum(jax.lax.map(chunk, parts))
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _batch_nll(model, params, batch, weight):
-    logits = model.apply({"params": params}, batch)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(nll.sum(axis=1) * weight)
+    hidden = model.apply({"params": params}, batch, hidden=True)
+    return head_nll(decoder_parts(model).head, params, hidden, batch, weight)
 
 
 def perplexity(model, params, windows: np.ndarray, batch_size: int = 8,
@@ -85,8 +123,6 @@ def perplexity(model, params, windows: np.ndarray, batch_size: int = 8,
 def _streamed_perplexity(model, params, windows, batch_size, progress, desc):
     """Perplexity computed block by block over all windows at once: each block of a
     :class:`jaxcomp.models.hf.StreamedParams` is read, applied to every window, released."""
-    from jaxcomp.models import decoder_parts
-
     parts = decoder_parts(model)
     n, seq_len = windows.shape
     start = time.perf_counter()
@@ -101,13 +137,11 @@ def _streamed_perplexity(model, params, windows, batch_size, progress, desc):
         bp = params[f"{parts.prefix}_{i}"]
         x = [block(bp, xb) for xb in x]
 
-    @jax.jit
-    def nll(top, xb, tokens):
-        logp = jax.nn.log_softmax(parts.head(top, xb)[:, :-1], axis=-1)
-        return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-    total = sum(float(nll(top, xb, jnp.asarray(windows[i:i + batch_size])))
-                for xb, i in zip(x, batches, strict=True))
+    nll = jax.jit(functools.partial(head_nll, parts.head))
+    total = 0.0
+    for xb, i in zip(x, batches, strict=True):
+        tokens = jnp.asarray(windows[i:i + batch_size])
+        total += float(nll(top, xb, tokens, jnp.ones(len(tokens))))
     seconds = time.perf_counter() - start
     tokens = n * (seq_len - 1)
     return PerplexityResult(math.exp(total / tokens), total, tokens, n, seq_len, seconds)

@@ -78,7 +78,8 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """GPT-2 causal LM with the same call convention as :class:`jaxcomp.models.llama.Llama`."""
+    """GPT-2 causal LM with the same call convention (``cache``, ``index``, ``hidden``) as
+    :class:`jaxcomp.models.llama.Llama`."""
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
@@ -86,7 +87,7 @@ class GPT2(nn.Module):
     remat: bool = False  # recompute each block's activations in the backward pass (training)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, cache=None, index=None):
+    def __call__(self, tokens: jax.Array, cache=None, index=None, hidden: bool = False):
         cfg = self.cfg
         b, t = tokens.shape
         start = 0 if index is None else index
@@ -102,6 +103,8 @@ class GPT2(nn.Module):
             x, c = block(cfg, self.dtype, self.param_dtype, name=f"h_{i}")(
                 x, positions, layer_cache, index)
             new_cache.append(c)
+        if hidden:  # the residual stream; decoder_parts(model).head makes the logits
+            return x if cache is None else (x, new_cache)
         x = LayerNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="ln_f")(x)
         logits = wte.attend(x).astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)

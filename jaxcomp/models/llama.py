@@ -125,6 +125,9 @@ class Llama(nn.Module):
 
     Call as ``model.apply({"params": params}, tokens)`` for logits ``(B, T, vocab)``, or with
     ``cache=``/``index=`` (see :func:`jaxcomp.models.init_cache`) for ``(logits, new_cache)``.
+    ``hidden=True`` returns the residual stream after the last block ``(B, T, hidden)`` instead
+    of logits (evaluation applies the head in row chunks: the logits of a whole batch of a
+    large-vocabulary model are the biggest array of a forward pass).
     """
 
     cfg: ModelConfig
@@ -133,7 +136,7 @@ class Llama(nn.Module):
     remat: bool = False  # recompute each block's activations in the backward pass (training)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, cache=None, index=None):
+    def __call__(self, tokens: jax.Array, cache=None, index=None, hidden: bool = False):
         cfg = self.cfg
         b, t = tokens.shape
         start = 0 if index is None else index
@@ -148,6 +151,8 @@ class Llama(nn.Module):
             x, c = block(cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
                 x, positions, layer_cache, index)
             new_cache.append(c)
+        if hidden:  # the residual stream; decoder_parts(model).head makes the logits
+            return x if cache is None else (x, new_cache)
         x = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         # An explicit lm_head wins over tying: rotations (quant.rotation_transform) untie.
         if cfg.tie_word_embeddings and not self.has_variable("params", "lm_head"):
