@@ -28,8 +28,8 @@ refuses (e.g. a Hessian that stays indefinite) a row with status ``error``. ``--
 configurations already in the CSV, so a long sweep can be continued after an interruption.
 
 At the end (or with ``--plot-only``) it writes ``OUT/kbit_sweep.png`` (perplexity, log scale,
-against quant_bits_per_weight; one colour per data type, one marker per method; the Pareto
-front as a step line) and ``OUT/summary.json`` (the Pareto-optimal configurations and, per
+against quant_bits_per_weight, cut at 10x the float baseline with the number above it in the
+title; one colour per data type, one marker per method; the Pareto front as a step line) and ``OUT/summary.json`` (the Pareto-optimal configurations and, per
 1-bit budget bin, the best one). ``OUT/sweep.json`` holds the settings and the dense baseline.
 
 Bad arguments print one line on stderr and exit 2 before anything is written.
@@ -499,6 +499,9 @@ def plot(rows: Sequence[dict], path: str, meta: dict | None = None) -> None:
     colors = {"int": "tab:blue", "float": "tab:orange", "nf": "tab:green"}
     markers = {"rtn": "o", "gptq": "^"}
     fig, ax = plt.subplots(figsize=(9, 5.5))
+    # 2-bit results reach 1e10 and would squash the useful range: the y-axis stops at 10x the
+    # float baseline and the title counts what is above it.
+    ceiling = 10 * meta["baseline_ppl"] if meta.get("baseline_ppl") else math.inf
     for method in METHODS:
         for dtype in DTYPES:
             pts = [r for r in ok if r["method"] == method and r["dtype"] == dtype]
@@ -514,6 +517,8 @@ def plot(rows: Sequence[dict], path: str, meta: dict | None = None) -> None:
         ax.plot([*xs, right], [*ys, ys[-1]], drawstyle="steps-post", color="black", lw=1.2,
                 label="Pareto front")
         for r in front:
+            if r["ppl"] > ceiling:
+                continue
             ax.annotate(_brief(r)["config"], (r["quant_bits_per_weight"], r["ppl"]), fontsize=6,
                         xytext=(3, 3), textcoords="offset points")
     if meta.get("baseline_ppl"):
@@ -528,6 +533,10 @@ def plot(rows: Sequence[dict], path: str, meta: dict | None = None) -> None:
         title += f" ({meta['eval_tokens']:,} tokens)"
     if bad:
         title += f"; {bad} diverged/failed not shown"
+    above = sum(r["ppl"] > ceiling for r in ok)
+    if above:
+        title += f"; {above} above {ceiling:.0f} (off the top)"
+        ax.set_ylim(0.9 * meta["baseline_ppl"], ceiling)
     ax.set_title(title, fontsize=10)
     if ok:  # whole-model bits/param is affine in bits/weight for one model: a second axis
         r = ok[0]
