@@ -29,8 +29,9 @@ configurations already in the CSV, so a long sweep can be continued after an int
 
 At the end (or with ``--plot-only``) it writes ``OUT/kbit_sweep.png`` (perplexity, log scale,
 against quant_bits_per_weight, cut at 10x the float baseline with the number above it in the
-title; one colour per data type, one marker per method; the Pareto front as a step line) and ``OUT/summary.json`` (the Pareto-optimal configurations and, per
-1-bit budget bin, the best one). ``OUT/sweep.json`` holds the settings and the dense baseline.
+title; one colour per data type, one marker per method; the Pareto front as a step line) and
+``OUT/summary.json`` (the Pareto-optimal configurations and, per 1-bit budget bin, the best
+one). ``OUT/sweep.json`` holds the settings and the dense baseline.
 
 Bad arguments print one line on stderr and exit 2 before anything is written.
 """
