@@ -7,11 +7,23 @@ the activation columns ``x[:, j::P]``; ``ops.py`` splits x into those planes (ch
 and the kernel never interleaves rows (Triton has no value slicing or interleave).
 
 Grid: ``(M / block_m, N / block_n, split_k)``; each program loops over its share of K in steps
-of one scale group (``block_k`` rows of K, ``block_k / P`` packed rows), dequantizing a
-``(block_k/P, block_n)`` tile per plane in the activation dtype and accumulating ``x_j @ w_j``
-in float32; the ``split_k`` partial sums are added by XLA. Weights are streamed exactly once
-per M block, which is what decode (M <= 16) needs; split-K gives decode enough programs to
-occupy every SM.
+of one scale group (``block_k`` rows of K, ``block_k / P`` packed rows). A step turns each
+plane's ``(block_k/P, block_n)`` codes into floats that are exact (the integer codes
+themselves, or the codebook values), multiplies them with MMA in float32, and only then applies
+the group's scale and zero point to the ``(block_m, block_n)`` product: ``acc += (x @ q -
+sum(x) * zero) * scale``. Doing the affine part per group instead of per weight takes two
+float operations and a rounding to the activation dtype out of the inner loop. The
+``split_k`` partial sums are added by XLA. Weights are streamed exactly once per M block,
+which is what decode (M <= 16) needs; split-K gives decode enough programs to occupy every SM.
+
+Integer codes become floats in one of three ways (``Tiling.codes``, data per backend):
+``"convert"`` (an int -> float conversion per weight); ``"mantissa"``, OR-ing the code into the
+mantissa of bfloat16 128.0 (exponent 7: the seven mantissa bits count in ones, so the bits read
+128 + code for codes < 128) and subtracting 128, which is exact and uses integer logic only;
+and ``"ptx"``, the same trick as inline PTX on four packed bytes at a time (byte permute,
+shift, and-or, a packed bfloat16 subtract: about 1.5 instructions per weight). The hardware
+converts only a quarter as many values per clock as it does integer logic, which is what
+bounded the ``"convert"`` kernel on Hopper.
 
 Backends: GPU lowers through Pallas' **Triton** backend (selected explicitly with
 ``pallas.triton.CompilerParams``; Mosaic GPU is jax's default), TPU through Mosaic TPU, and
@@ -28,6 +40,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+CODES = ("convert", "mantissa", "ptx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +54,11 @@ class Tiling:
     num_warps: int = 4
     num_stages: int = 2
     min_programs: int = 1  # split K until the grid has this many programs (decode: fill SMs)
+    codes: str = "convert"  # how 2/4-bit integer codes become floats (module docstring)
+
+    def __post_init__(self):
+        if self.codes not in CODES:
+            raise ValueError(f"Tiling.codes must be one of {CODES}, got {self.codes!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,50 +76,96 @@ class KernelFormat:
         return 8 // self.bits
 
 
-def _dequant_tile(code, scale, zero, kf: KernelFormat, dtype):
-    """(rows, bn) int32 codes -> values in ``dtype``."""
-    if kf.codebook is not None:
-        # A select chain over the (static) codebook: no gather in the kernel.
-        value = jnp.zeros(code.shape, jnp.float32)
-        for i, v in enumerate(kf.codebook):
-            value = jnp.where(code == i, jnp.float32(v), value)
-    elif kf.symmetric:
-        value = (code - 2 ** (kf.bits - 1)).astype(jnp.float32)
-    else:
-        value = code.astype(jnp.float32) - zero
-    return (value * scale).astype(dtype)
+_BF16_128 = 0x4300  # bfloat16 128.0: sign 0, exponent 7, mantissa 0 (counts in ones)
 
 
-def _kernel(x_ref, p_ref, s_ref, z_ref, o_ref, *, kf: KernelFormat, num_steps: int):
+def _ptx_codes(packed, plane: int, bits: int):
+    """uint8 (rows, bn) -> bfloat16 ``128 + code`` of ``plane``, by inline PTX on four bytes at
+    a time: ``prmt`` spreads bytes 0,1 (2,3) into the low bytes of two 16-bit halves, ``shr``
+    brings the plane's bits down and ``lop3`` computes ``(t & mask) | 0x4300`` per half."""
+    mask = ((1 << bits) - 1) * 0x10001
+    shift = plane * bits
+    lines = ["{", ".reg .b32 t0, t1, zero, mask, base;", "mov.b32 zero, 0;",
+             f"mov.b32 mask, {mask};", "mov.b32 base, 0x43004300;",
+             "prmt.b32 t0, $2, zero, 0x4140;", "prmt.b32 t1, $2, zero, 0x4342;"]
+    if shift:
+        lines += [f"shr.b32 t0, t0, {shift};", f"shr.b32 t1, t1, {shift};"]
+    lines += ["lop3.b32 $0, t0, mask, base, 0xEA;", "lop3.b32 $1, t1, mask, base, 0xEA;", "}"]
+    [biased] = pltriton.elementwise_inline_asm(
+        "\n".join(lines), args=[packed], constraints="=r,=r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)])
+    return biased
+
+
+def _plane_weights(packed, plane: int, zero, kf: KernelFormat, codes: str, dtype):
+    """One plane of a (rows, bn) uint8 tile as exact floats in ``dtype``: ``code - zero`` for
+    integer formats (``zero`` a (1, bn) float32 row), the codebook values otherwise."""
+    if kf.codebook is None and kf.bits <= 4 and codes != "convert":
+        if codes == "ptx":
+            biased = _ptx_codes(packed, plane, kf.bits)
+        else:
+            code = (packed.astype(jnp.int32) >> (plane * kf.bits)) & ((1 << kf.bits) - 1)
+            biased = jax.lax.bitcast_convert_type((code | _BF16_128).astype(jnp.uint16),
+                                                  jnp.bfloat16)
+        # (128 + code) - (128 + zero): both sides and the result are exact in bfloat16.
+        return (biased - (zero + 128).astype(jnp.bfloat16)).astype(dtype)
+    code = packed.astype(jnp.int32)  # Triton rejects pointwise ops on 8-bit ints
+    if kf.planes > 1:
+        code = (code >> (plane * kf.bits)) & ((1 << kf.bits) - 1)
+    if kf.codebook is None:
+        return (code.astype(jnp.float32) - zero).astype(dtype)
+    # A select chain over the (static) codebook: no gather in the kernel.
+    value = jnp.zeros(code.shape, jnp.float32)
+    for i, v in enumerate(kf.codebook):
+        value = jnp.where(code == i, jnp.float32(v), value)
+    return value.astype(dtype)
+
+
+def _kernel(x_ref, p_ref, s_ref, z_ref, o_ref, *, kf: KernelFormat, codes: str,
+            num_steps: int, chunk: int, m_valid: int | None):
     rows = kf.block_k // kf.planes  # packed rows per step
-    first = pl.program_id(2) * num_steps  # this program's share of K (split-K)
-    mask = (1 << kf.bits) - 1
+    first = pl.program_id(2) * chunk  # this program's share of K (split-K): steps first..
+    # ..first + chunk, fewer in the last program where chunk does not divide num_steps.
+    trip = chunk if num_steps % chunk == 0 else jnp.minimum(chunk, num_steps - first)
+    bm = o_ref.shape[0]
+    valid = None  # padding rows of x are neither read nor written: a decode M = 1 reads 1/16
+    if m_valid is not None and m_valid % bm:
+        valid = pl.program_id(0) * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0) < m_valid
 
     def row(ref, i):  # this step's (1, bn) scale or zero-point row, as float32
-        if ref is None:
-            return None
         return ref[pl.ds(i if kf.grouped else 0, 1), :].astype(jnp.float32)
 
     def step(i, acc):
         i = first + i
         start = pl.multiple_of(i * rows, rows)
-        packed = p_ref[pl.ds(start, rows), :].astype(jnp.int32)
-        scale, zero = row(s_ref, i), row(z_ref, i)
+        packed = p_ref[pl.ds(start, rows), :]
+        zero = None
+        if kf.codebook is None:
+            zero = row(z_ref, i) if z_ref is not None else jnp.float32(2 ** (kf.bits - 1))
+        d = None
         for j in range(kf.planes):
-            code = (packed >> (j * kf.bits)) & mask if kf.planes > 1 else packed
-            x = x_ref[j, :, pl.ds(start, rows)]
-            w = _dequant_tile(code, scale, zero, kf, x.dtype)
+            if valid is None:
+                x = x_ref[j, :, pl.ds(start, rows)]
+            else:
+                x = pltriton.load(x_ref.at[jnp.int32(j), :, pl.ds(start, rows)], mask=valid,
+                                   other=0)
+            w = _plane_weights(packed, j, zero, kf, codes, x.dtype)
             # HIGHEST keeps f32 activations in f32 on GPUs (no TF32 rounding).
-            acc += jnp.dot(x, w, preferred_element_type=jnp.float32,
-                           precision=jax.lax.Precision.HIGHEST)
-        return acc
+            dj = jnp.dot(x, w, preferred_element_type=jnp.float32,
+                         precision=jax.lax.Precision.HIGHEST)
+            d = dj if d is None else d + dj
+        return acc + d * row(s_ref, i)
 
-    acc = jax.lax.fori_loop(0, num_steps, step, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc
+    acc = jax.lax.fori_loop(0, trip, step, jnp.zeros(o_ref.shape, jnp.float32))
+    if valid is None:
+        o_ref[...] = acc.astype(o_ref.dtype)
+    else:
+        pltriton.store(o_ref, acc.astype(o_ref.dtype), mask=valid)
 
 
 def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Tiling, *,
-                   backend: str, split_k: int = 1):
+                   backend: str, split_k: int = 1, m_valid: int | None = None,
+                   out_dtype=jnp.float32):
     """Runs the kernel on pre-split activations.
 
     Args:
@@ -109,15 +175,23 @@ def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Ti
       scales: (G, N) scales; zeros: (G, N) zero points or ``None``.
       kf: the format; tiling: tile sizes.
       backend: ``"gpu"`` (Triton), ``"tpu"`` (Mosaic) or ``"interpret"``.
-      split_k: number of K chunks (must divide the number of K steps).
+      split_k: number of K chunks (at most the number of K steps; chunks of equal size but
+        the last, whose float32 partial sums XLA adds).
+      m_valid: the rows of ``x_planes`` that hold activations (the rest pad M to a multiple
+        of ``block_m``): padding rows are then masked, neither read nor written (Triton and
+        interpret only: Mosaic TPU has no masked loads). ``None``: every row is read.
+      out_dtype: the result's dtype (written by the kernel itself when ``split_k`` is 1).
 
     Returns:
-      (M, N) float32 ``x @ dequant(W)``.
+      (m_valid or M, N) ``x @ dequant(W)`` in ``out_dtype``.
     """
     planes, m, kp = x_planes.shape
     n = packed.shape[1]
     bm, bn = tiling.block_m, tiling.block_n
-    num_steps = kp // (kf.block_k // kf.planes) // split_k
+    num_steps = kp // (kf.block_k // kf.planes)
+    chunk = -(-num_steps // split_k)
+    split_k = -(-num_steps // chunk)  # no empty chunks
+    rows_out = m if m_valid is None else m_valid
     in_specs = [
         pl.BlockSpec((planes, bm, kp), lambda i, j, s: (0, i, 0)),
         pl.BlockSpec((kp, bn), lambda i, j, s: (0, j)),
@@ -127,14 +201,14 @@ def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Ti
     if zeros is not None:
         in_specs.append(pl.BlockSpec((zeros.shape[0], bn), lambda i, j, s: (0, j)))
         args.append(zeros)
-        kernel = functools.partial(_kernel, kf=kf, num_steps=num_steps)
+        kernel = functools.partial(_kernel, kf=kf, codes=tiling.codes, num_steps=num_steps,
+                                   chunk=chunk, m_valid=m_valid)
     else:
         def kernel(x_ref, p_ref, s_ref, o_ref):
-            _kernel(x_ref, p_ref, s_ref, None, o_ref, kf=kf, num_steps=num_steps)
+            _kernel(x_ref, p_ref, s_ref, None, o_ref, kf=kf, codes=tiling.codes,
+                    num_steps=num_steps, chunk=chunk, m_valid=m_valid)
     params = {}
     if backend == "gpu":
-        from jax.experimental.pallas import triton as pltriton
-
         params["compiler_params"] = pltriton.CompilerParams(num_warps=tiling.num_warps,
                                                             num_stages=tiling.num_stages)
     elif backend == "tpu":
@@ -142,14 +216,20 @@ def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Ti
 
         params["compiler_params"] = pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel"))
-    partial = pl.pallas_call(
+    if split_k == 1:  # the kernel writes the result (an M block may overhang m_valid rows)
+        out_shape = jax.ShapeDtypeStruct((rows_out, n), out_dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((split_k, rows_out, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((split_k, m, n), jnp.float32),
+        out_shape=out_shape,
         grid=(m // bm, n // bn, split_k),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j)),
+        out_specs=out_spec,
         interpret=backend == "interpret",
         name=f"qmatmul_{'cb' if kf.codebook else 'int'}{kf.bits}",
         **params,
     )(*args)
-    return partial[0] if split_k == 1 else partial.sum(axis=0)
+    return out if split_k == 1 else out.sum(axis=0).astype(out_dtype)

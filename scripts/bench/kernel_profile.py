@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Per-kernel device times of one packed matmul program, from jax's profiler (no wall clocks).
+"""Per-kernel device times of packed matmul programs, from jax's profiler (no wall clocks).
 
-Usage: python scripts/bench/kernel_profile.py [--k 4096] [--n 11008] [--m 1] [--format int4_g128]
-       [--tiling decode=64:8:4:528] [--out DIR]
+Usage: python scripts/bench/kernel_profile.py [--shapes 4096x11008 11008x4096] [--m 1]
+       [--format int4_g128] [--paths kernel xla dense_bf16] [--tiling decode=64:8:4:528:ptx]
+       [--sweep decode=64:8:4:528:ptx decode=128:4:3:528:ptx ...] [--out FILE.jsonl]
 
-Runs the kernel path, the XLA dequantize path and bf16 dense (16 calls each, distinct weight
-copies) under ``jax.profiler.trace`` and prints, per path, every GPU kernel's name, count and
-mean duration from the Perfetto trace: what the wrapper ops cost next to the kernel itself.
+For each shape, runs every path (the kernel, the XLA dequantize path and bf16 dense; 16 calls
+each, each on its own copy of the weights, so they come from HBM, not L2) under
+``jax.profiler.trace`` and prints, per path, every GPU kernel's name, count and mean duration
+from the Perfetto trace: what the wrapper ops cost next to the kernel itself. ``--sweep`` then
+profiles the kernel path once per tiling spec (``kernels.py``'s ``regime=...`` syntax) in the
+same process. Every kernel-path row also carries the output's relative error against the
+float64 reference (``max|y - ref| / max|ref|``; bf16 activations and output, so ~1e-3).
 """
 
 import argparse
@@ -26,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from jaxcomp.core.dispatch import use_matmul_impl  # noqa: E402
 from jaxcomp.quant import quantize_array  # noqa: E402
+from pallas_kernels.qmatmul.reference import qmatmul_reference  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import FORMATS, apply_tilings  # noqa: E402
@@ -44,56 +50,87 @@ def device_events(trace_dir: str):
             and "GPU" in meta.get(("process_name", e["pid"], None), "")]
 
 
+def profile(run, xs, ws, calls: int):
+    """(device us per call, {kernel name: (count, mean us)}, first output) of ``run(xs, ws)``."""
+    out = jax.block_until_ready(run(xs, ws))
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready(run(xs, ws))
+    stats = collections.defaultdict(list)
+    for thread, name, dur in device_events(trace_dir):
+        if thread.startswith("Stream"):
+            stats[name].append(dur)
+    total = sum(sum(v) for v in stats.values()) / calls
+    kernels = {k: {"count": len(v), "mean_us": float(np.mean(v))}
+               for k, v in sorted(stats.items(), key=lambda kv: -sum(kv[1]))}
+    return total, kernels, np.asarray(out[0], np.float64)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--k", type=int, default=4096)
-    ap.add_argument("--n", type=int, default=11008)
+    ap.add_argument("--shapes", nargs="*", default=["4096x11008", "11008x4096"],
+                    help="K x N of the weight")
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--format", default="int4_g128", choices=list(FORMATS))
-    ap.add_argument("--tiling", action="append", default=[])
+    ap.add_argument("--tiling", action="append", default=[],
+                    help="override a tiling (kernels.py syntax) for the whole run")
+    ap.add_argument("--sweep", nargs="*", default=[],
+                    help="after the paths, profile the kernel path with each tiling spec")
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--paths", nargs="*", default=["kernel", "xla", "dense_bf16"])
-    ap.add_argument("--out", default=None, help="keep the trace here (default: a temp dir)")
+    ap.add_argument("--out", default=None, help="also append the rows to this JSONL file")
     args = ap.parse_args()
     if jax.default_backend() != "gpu":
         print(f"kernel_profile.py: needs a GPU (device times come from its kernel trace); "
               f"this is {jax.default_backend()}", file=sys.stderr)
         sys.exit(2)
+    import pallas_kernels.qmatmul.ops as ops
+
     apply_tilings("gpu", args.tiling)
+    base_tilings = dict(ops.TILINGS["gpu"])
+    device = jax.devices()[0].device_kind
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     rng = np.random.default_rng(0)
-    w = rng.normal(size=(args.k, args.n)).astype(np.float32) * 0.02
-    q = quantize_array(w, FORMATS[args.format])
-    x = jnp.asarray(rng.normal(size=(args.m, args.k)), jnp.bfloat16)
-    xs = [x * jnp.asarray(1 + 1e-3 * r, x.dtype) for r in range(args.calls)]
-    paths = {"kernel": ("auto", q), "xla": ("xla", q),
-             "dense_bf16": ("xla", jnp.asarray(w, jnp.bfloat16))}
-    for name in args.paths:
-        impl, weights = paths[name]
-        ws = [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), weights)
-              for _ in range(args.calls)]
-        with use_matmul_impl(impl):
-            run = jax.jit(lambda xs, ws, dense=name == "dense_bf16": [
-                xr @ wr if dense else wr.left_matmul(xr) for xr, wr in zip(xs, ws, strict=True)])
-            jax.block_until_ready(run(xs, ws))
-            trace_dir = os.path.join(args.out, name) if args.out else tempfile.mkdtemp()
-            os.makedirs(trace_dir, exist_ok=True)
-            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                jax.block_until_ready(run(xs, ws))
-        stats, threads = collections.defaultdict(list), collections.Counter()
-        for thread, kname, dur in device_events(trace_dir):
-            threads[thread] += 1
-            if thread.startswith("Stream"):
-                stats[kname].append(dur)
-        total = sum(sum(v) for v in stats.values()) / args.calls
-        print(json.dumps({"path": name, "M": args.m, "K": args.k, "N": args.n,
-                          "format": args.format, "device_us_per_call": total,
-                          "threads": dict(threads),
-                          "weight_gbs": (q.nbytes if name != "dense_bf16" else w.size * 2)
-                          / total / 1e3 if total else None,
-                          "kernels": {k: {"count": len(v), "mean_us": float(np.mean(v))}
-                                      for k, v in sorted(stats.items(),
-                                                         key=lambda kv: -sum(kv[1]))}}),
-              flush=True)
+    for shape in args.shapes:
+        k, n = map(int, shape.split("x"))
+        w = rng.normal(size=(k, n)).astype(np.float32) * 0.02
+        q = quantize_array(w, FORMATS[args.format])
+        x = jnp.asarray(rng.normal(size=(args.m, k)), jnp.bfloat16)
+        xs = [x * jnp.asarray(1 + 1e-3 * r, x.dtype) for r in range(args.calls)]
+        ref = qmatmul_reference(np.asarray(xs[0], np.float64), q)
+        weights = {"kernel": q, "xla": q, "dense_bf16": jnp.asarray(w, jnp.bfloat16)}
+        copies = {name: [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), weights[name])
+                         for _ in range(args.calls)]
+                  for name in set(args.paths) | ({"kernel"} if args.sweep else set())}
+        runs = [(name, None) for name in args.paths] + [("kernel", s) for s in args.sweep]
+        for name, spec in runs:
+            ops.TILINGS["gpu"].clear()
+            ops.TILINGS["gpu"].update(base_tilings)
+            tiling = spec or str(ops.TILINGS["gpu"].get("decode"))
+            row = {"path": name, "tiling": tiling if name == "kernel" else None,
+                   "M": args.m, "K": k, "N": n, "format": args.format, "device": device}
+            dense = name == "dense_bf16"
+            with use_matmul_impl("xla" if name != "kernel" else "auto"):
+                run = jax.jit(lambda xs, ws, dense=dense: [
+                    xr @ wr if dense else wr.left_matmul(xr)
+                    for xr, wr in zip(xs, ws, strict=True)])
+                try:
+                    apply_tilings("gpu", [spec] if spec else [])
+                    total, kernels, y = profile(run, xs, copies[name], args.calls)
+                except Exception as e:  # a tiling the compiler rejects is a result
+                    emit({**row, "error": str(e).splitlines()[0][:300]})
+                    continue
+            nbytes = w.size * 2 if dense else q.nbytes
+            emit({**row, "device_us_per_call": total, "weight_gbs": nbytes / total / 1e3,
+                  "max_rel_err": None if dense else
+                  float(np.abs(y - ref).max() / np.abs(ref).max()),
+                  "kernels": kernels})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@
 """Packed low-bit matmul: Pallas kernel vs bf16 dense vs the XLA dequantize path.
 
 Usage: python scripts/bench/kernels.py [--reps 32] [--formats int4_g128 int8 nf4_g64 int2_g64]
-       [--ms 1 8 512] [--tiling decode=64:8:4:528] [--out results.jsonl]
-       python scripts/bench/kernels.py --sweep   # decode tilings for int4 g128 at M=1
+       [--ms 1 8 512] [--tiling decode=64:8:4:528:ptx] [--out results.jsonl]
 
 Shapes: decode M=1 and 8 and prefill M=512, for K x N = 4096x4096, 4096x11008, 11008x4096.
 Each timing runs the op --reps times in one jitted program on distinct inputs and 16 distinct
@@ -17,6 +16,7 @@ every backend on a small shape first.
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -68,14 +68,12 @@ def main():
     ap.add_argument("--ms", type=int, nargs="*", default=[1, 8, 512])
     ap.add_argument("--peak-gbs", type=float, default=3350.0)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sweep", action="store_true",
-                    help="time decode tilings (block_n x warps x stages x min_programs) for "
-                         "int4_g128 at M=1 instead of the table")
+    ap.add_argument("--check-only", action="store_true",
+                    help="only the correctness checks (f32 and bf16 activations), no timings")
     ap.add_argument("--tiling", action="append", default=[],
                     help="override a tiling for this run: regime=block_n:warps:stages:"
-                         "min_programs (regime decode or prefill; regime=none drops it)")
-    ap.add_argument("--tiling-from", default=None,
-                    help="a --sweep output: use its fastest tiling per regime")
+                         "min_programs[:codes] (regime decode or prefill; codes convert, "
+                         "mantissa or ptx; regime=none drops it)")
     args = ap.parse_args()
     backend = kernel_backend() or "interpret"
     on_accel = backend in ("gpu", "tpu")
@@ -83,28 +81,25 @@ def main():
     rng = np.random.default_rng(0)
     out = open(args.out, "w") if args.out else None
 
-    if args.tiling_from:
-        print(json.dumps({"tilings": best_tilings(args.tiling_from)}), flush=True)
-
     def emit(row):
         print(json.dumps(row), flush=True)
         if out:
             out.write(json.dumps(row) + "\n")
 
-    if args.sweep:
-        return sweep(args, backend, device, emit)
-    apply_tilings(backend, args.tiling + (best_tilings(args.tiling_from) if args.tiling_from
-                                          else []))
+    apply_tilings(backend, args.tiling)
     for name in args.formats:  # correctness first, on a small odd-tailed shape, each regime
         q = quantize_array(rng.normal(size=(576, 256)).astype(np.float32), FORMATS[name])
-        for m in (1, 3, 8, 64):
-            x = rng.normal(size=(m, 576)).astype(np.float32)
+        for m, dtype in itertools.product((1, 3, 8, 64), (jnp.float32, jnp.bfloat16)):
+            x = jnp.asarray(rng.normal(size=(m, 576)), dtype)
             if not supported(q, x.shape, backend):
                 continue
-            y = np.asarray(qmatmul(jnp.asarray(x), q, backend))
-            ref = qmatmul_reference(x, q)
-            emit({"check": name, "M": m, "backend": backend, "device": device,
+            y = np.asarray(qmatmul(x, q, backend), np.float64)
+            ref = qmatmul_reference(np.asarray(x, np.float64), q)
+            emit({"check": name, "M": m, "dtype": jnp.dtype(dtype).name, "backend": backend,
+                  "device": device,
                   "max_rel_err_vs_f64": float(np.abs(y - ref).max() / np.abs(ref).max())})
+    if args.check_only:
+        return
     for k, n in SHAPES:
         w = jnp.asarray(rng.normal(size=(k, n)).astype(np.float32) * 0.02)
         dense = w.astype(jnp.bfloat16)
@@ -132,12 +127,13 @@ def main():
 
 
 def parse_tiling(spec: str):
-    """``regime=block_n:warps:stages:min_programs`` -> (regime, Tiling)."""
+    """``regime=block_n:warps:stages:min_programs[:codes]`` -> (regime, Tiling)."""
     from pallas_kernels.qmatmul.kernel import Tiling
 
     regime, values = spec.split("=")
-    bn, warps, stages, programs = map(int, values.split(":"))
-    return regime, Tiling(16 if regime == "decode" else 64, bn, warps, stages, programs)
+    bn, warps, stages, programs, *codes = values.split(":")
+    return regime, Tiling(16 if regime == "decode" else 64, int(bn), int(warps), int(stages),
+                          int(programs), *codes)
 
 
 def apply_tilings(backend: str, specs) -> None:
@@ -151,53 +147,6 @@ def apply_tilings(backend: str, specs) -> None:
         else:
             regime, tiling = parse_tiling(spec)
             ops.TILINGS[backend][regime] = tiling
-
-
-def best_tilings(path: str) -> list[str]:
-    """The fastest spec per regime of a ``--sweep`` output (total time over the shapes; specs
-    that failed on a shape are out)."""
-    rows = [json.loads(line) for line in open(path)]
-    totals: dict[str, list[float]] = {}
-    for r in rows:
-        if "kernel_us" in r:
-            totals.setdefault(r["tiling"], []).append(r["kernel_us"])
-    shapes = max(len(v) for v in totals.values())
-    best = {}
-    for spec, times in totals.items():
-        regime = spec.split("=")[0]
-        if len(times) == shapes and (regime not in best or sum(times) < best[regime][0]):
-            best[regime] = (sum(times), spec)
-    return [spec for _, spec in best.values()]
-
-
-def sweep(args, backend, device, emit):
-    """Times int4 g128 at M=1 for every decode tiling in the grid."""
-    import itertools
-
-    import pallas_kernels.qmatmul.ops as ops
-
-    rng = np.random.default_rng(0)
-    grid = [f"decode={bn}:{w}:{st}:{p}" for bn, w, st, p in
-            itertools.product((32, 64, 128), (4, 8), (2, 4), (132, 528, 1056))]
-    for k, n in SHAPES:
-        q = quantize_array(rng.normal(size=(k, n)).astype(np.float32), int4(128))
-        x = jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)
-        t_dense = time_op(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32),
-                          x, jnp.asarray(q.materialize(), jnp.bfloat16), args.reps)
-        emit({"sweep": "int4_g128", "M": 1, "K": k, "N": n, "dense_bf16_us": t_dense * 1e6,
-              "device": device})
-        for spec in grid:
-            saved = dict(ops.TILINGS[backend])
-            apply_tilings(backend, [spec])
-            try:
-                t = time_op(lambda x, q: qmatmul(x, q, backend), x, q, args.reps)
-                row = {"kernel_us": t * 1e6, "speedup_vs_bf16": t_dense / t}
-            except Exception as e:  # a tiling the compiler rejects is a result, not a crash
-                row = {"error": str(e).splitlines()[0][:200]}
-            ops.TILINGS[backend].clear()
-            ops.TILINGS[backend].update(saved)
-            emit({"sweep": "int4_g128", "M": 1, "K": k, "N": n, "tiling": spec, **row,
-                  "device": device})
 
 
 if __name__ == "__main__":

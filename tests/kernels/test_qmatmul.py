@@ -45,6 +45,24 @@ def test_interpret_matches_reference(fmt, k_groups, tail, n_blocks, m, dtype, se
     assert err <= _tol(dtype), err
 
 
+@pytest.mark.parametrize("min_programs", [3, 7, 64])
+@pytest.mark.parametrize("codes", ["convert", "mantissa"])
+def test_split_k_and_code_conversions(monkeypatch, min_programs, codes):
+    # 5 groups over 2 column blocks: K split into 2 (3+2 steps), 3 (2+2+1) or 5 chunks.
+    import pallas_kernels.qmatmul.ops as ops
+    from pallas_kernels.qmatmul.kernel import Tiling
+
+    monkeypatch.setitem(ops.TILINGS["interpret"], "decode",
+                        Tiling(16, 64, min_programs=min_programs, codes=codes))
+    rng = np.random.default_rng(min_programs)
+    for fmt in (int4(128), int2(64), int4(32, symmetric=True)):
+        q = quantize_array(rng.normal(size=(5 * fmt.group_size, 128)).astype(np.float32), fmt)
+        x = rng.normal(size=(3, q.orig_shape[0])).astype(np.float32)
+        y = qmatmul(jnp.asarray(x), q, "interpret")
+        ref = qmatmul_reference(x, q)
+        assert np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max() <= 1e-5
+
+
 def test_reference_agrees_with_qarray():
     rng = np.random.default_rng(0)
     for fmt in FORMATS.values():
