@@ -59,6 +59,7 @@ timeout 100 python3 scripts/bench/kernels.py --ms 1 --reps 32 ${BEST:+--tiling $
 python3 -c "
 import json
 for r in map(json.loads, open('$OUT/table.jsonl')):
-    print(r['format'], r['K'], r['N'], 'dense', round(r['dense_bf16_us'], 1), 'xla',
-          round(r['xla_dequant_us'], 1), 'kernel', r['kernel_us'] and round(r['kernel_us'], 1))
+    if 'format' in r:
+        print(r['format'], r['K'], r['N'], 'dense', round(r['dense_bf16_us'], 1), 'xla',
+              round(r['xla_dequant_us'], 1), 'kernel', r['kernel_us'] and round(r['kernel_us'], 1))
 "
