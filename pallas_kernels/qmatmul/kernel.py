@@ -6,24 +6,26 @@ So code plane ``j`` is ``(packed >> j*bits) & mask``, a ``(K/P, N)`` matrix that
 the activation columns ``x[:, j::P]``; ``ops.py`` splits x into those planes (cheap: x is small)
 and the kernel never interleaves rows (Triton has no value slicing or interleave).
 
-Grid: ``(M / block_m, N / block_n, split_k)``; each program loops over its share of K in steps
+Grid: ``(M / block_m, N / block_n, split_k)``; each program loops over its chunk of K in steps
 of one scale group (``block_k`` rows of K, ``block_k / P`` packed rows). A step turns each
-plane's ``(block_k/P, block_n)`` codes into floats that are exact (the integer codes
-themselves, or the codebook values), multiplies them with MMA in float32, and only then applies
-the group's scale and zero point to the ``(block_m, block_n)`` product: ``acc += (x @ q -
-sum(x) * zero) * scale``. Doing the affine part per group instead of per weight takes two
-float operations and a rounding to the activation dtype out of the inner loop. The
-``split_k`` partial sums are added by XLA. Weights are streamed exactly once per M block,
-which is what decode (M <= 16) needs; split-K gives decode enough programs to occupy every SM.
+plane's ``(block_k/P, block_n)`` codes into floats that are exact -- ``code - zero`` for
+integer formats (integers below 256 in magnitude: exact even in bfloat16), the codebook values
+for NF4/fp4 -- multiplies them with x on the MMA in float32, and only then multiplies the
+``(block_m, block_n)`` product by the group's scale row. The weights are never rounded to the
+activation dtype after scaling, and the scale multiply leaves the per-weight loop. K chunks
+are equal but for the last; their float32 partial sums are added by XLA (no split: the kernel
+writes the result in its dtype). Rows of x past M (padding to ``block_m``) are masked, neither
+read nor written. Weights are streamed exactly once per M block, which is what decode
+(M <= 16) needs; split-K gives decode enough programs to occupy every SM.
 
-Integer codes become floats in one of three ways (``Tiling.codes``, data per backend):
-``"convert"`` (an int -> float conversion per weight); ``"mantissa"``, OR-ing the code into the
-mantissa of bfloat16 128.0 (exponent 7: the seven mantissa bits count in ones, so the bits read
-128 + code for codes < 128) and subtracting 128, which is exact and uses integer logic only;
-and ``"ptx"``, the same trick as inline PTX on four packed bytes at a time (byte permute,
-shift, and-or, a packed bfloat16 subtract: about 1.5 instructions per weight). The hardware
-converts only a quarter as many values per clock as it does integer logic, which is what
-bounded the ``"convert"`` kernel on Hopper.
+Integer codes (2 and 4 bits) become floats in one of three ways (``Tiling.codes``, data per
+backend): ``"convert"``, an int -> float conversion per weight; ``"mantissa"``, OR-ing the code
+into the mantissa of bfloat16 128.0 (exponent 7: its seven mantissa bits count in ones, so
+the bits read 128 + code) and subtracting ``128 + zero`` in bfloat16, exact and free of
+conversions; and ``"ptx"``, the same with the bit work in inline PTX on four packed bytes at
+a time (``prmt``, ``shr``, ``lop3``). Hopper converts int to float at a quarter of its
+integer-logic rate; on an H100 ``"ptx"`` is 15-20 % faster than ``"convert"`` (BENCHMARKS.md).
+8-bit codes do not fit the seven mantissa bits and always convert.
 
 Backends: GPU lowers through Pallas' **Triton** backend (selected explicitly with
 ``pallas.triton.CompilerParams``; Mosaic GPU is jax's default), TPU through Mosaic TPU, and
@@ -185,6 +187,9 @@ def qmatmul_planes(x_planes, packed, scales, zeros, kf: KernelFormat, tiling: Ti
     Returns:
       (m_valid or M, N) ``x @ dequant(W)`` in ``out_dtype``.
     """
+    if tiling.codes == "ptx" and backend != "gpu":
+        raise ValueError(f"Tiling.codes='ptx' is inline PTX, for the gpu backend only, not "
+                         f"{backend}")
     planes, m, kp = x_planes.shape
     n = packed.shape[1]
     bm, bn = tiling.block_m, tiling.block_n

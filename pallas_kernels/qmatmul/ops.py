@@ -19,9 +19,10 @@ import numpy as np
 from pallas_kernels.qmatmul.kernel import KernelFormat, Tiling, qmatmul_planes
 
 TILINGS: dict[str, dict[str, Tiling]] = {
-    # H100 decode, from `scripts/bench/kernels.py --sweep` (BENCHMARKS.md): 64-column blocks,
-    # 8 warps, 4 stages, K split until about four programs per SM (132 SMs). No GPU prefill
-    # tiling: measured slower than XLA's dequantize + cuBLAS matmul, so prefill takes XLA.
+    # H100 decode, by device time from `scripts/bench/kernel_profile.py --sweep`
+    # (BENCHMARKS.md): 64-column blocks, 4 warps, 3 stages, K split until about four programs
+    # per SM (132 SMs), codes to bf16 in inline PTX. No GPU prefill tiling: the previous kernel
+    # measured slower than XLA's dequantize + cuBLAS matmul there, so prefill takes XLA.
     "gpu": {"decode": Tiling(16, 64, num_warps=4, num_stages=3, min_programs=528, codes="ptx")},
     # TPU: blocks' last two dims must be multiples of (8, 128) (16 rows for bf16).
     "tpu": {"decode": Tiling(16, 128), "prefill": Tiling(128, 128)},

@@ -63,6 +63,18 @@ def test_split_k_and_code_conversions(monkeypatch, min_programs, codes):
         assert np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max() <= 1e-5
 
 
+def test_ptx_codes_are_gpu_only(monkeypatch):
+    import pallas_kernels.qmatmul.ops as ops
+    from pallas_kernels.qmatmul.kernel import Tiling
+
+    with pytest.raises(ValueError, match="codes must be one of"):
+        Tiling(16, 64, codes="lut")
+    monkeypatch.setitem(ops.TILINGS["interpret"], "decode", Tiling(16, 64, codes="ptx"))
+    q = quantize_array(np.ones((256, 64), np.float32), int4(128))
+    with pytest.raises(ValueError, match="inline PTX"):
+        qmatmul(jnp.ones((1, 256)), q, "interpret")
+
+
 def test_reference_agrees_with_qarray():
     rng = np.random.default_rng(0)
     for fmt in FORMATS.values():
