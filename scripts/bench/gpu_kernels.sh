@@ -5,7 +5,10 @@
 # (profiler) of kernel / XLA dequantize / bf16 dense at the LLaMA-7B decode shapes, then of each
 # tiling spec given, 3. an old tree in .devbench/old (if present) profiled the same way, as the
 # baseline, 4. the whole-model check, 5. the wall-clock table of kernels.py with the fastest
-# spec. Everything is written under $OUT.
+# spec. Everything is written under $OUT. To compare with revision REV: mkdir -p
+# .devbench/old/scripts/bench && git archive REV pallas_kernels jaxcomp | tar -x -C
+# .devbench/old && cp scripts/bench/kernel_profile.py scripts/bench/kernels.py
+# .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it to the GPU machine).
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

@@ -12,7 +12,7 @@ per kernel use ``scripts/bench/kernel_profile.py``. Reports time per matmul, ach
 bandwidth (stored weight bytes / time) and its fraction of the peak given by --peak-gbs (H100
 SXM HBM3: 3350 GB/s, H200: 4800). On a CPU only the dense and XLA paths are timed (Pallas
 only interprets there); correctness of the kernel against the float64 reference is checked on
-every backend on a small shape first.
+every backend on a small shape first (``--check-only``: only that, f32 and bf16 activations).
 """
 
 import argparse
