@@ -81,10 +81,10 @@ class KernelFormat:
 _BF16_128 = 0x4300  # bfloat16 128.0: sign 0, exponent 7, mantissa 0 (counts in ones)
 
 
-def _ptx_codes(packed, plane: int, bits: int):
-    """uint8 (rows, bn) -> bfloat16 ``128 + code`` of ``plane``, by inline PTX on four bytes at
-    a time: ``prmt`` spreads bytes 0,1 (2,3) into the low bytes of two 16-bit halves, ``shr``
-    brings the plane's bits down and ``lop3`` computes ``(t & mask) | 0x4300`` per half."""
+def ptx_code_asm(plane: int, bits: int) -> str:
+    """Inline PTX: four packed bytes ($2) -> bfloat16 ``128 + code`` of ``plane`` for each byte,
+    bytes 0,1 in $0 and 2,3 in $1. ``prmt`` spreads two bytes into the low bytes of two 16-bit
+    halves, ``shr`` brings the plane's bits down, ``lop3`` computes ``(t & mask) | 0x4300``."""
     mask = ((1 << bits) - 1) * 0x10001
     shift = plane * bits
     lines = ["{", ".reg .b32 t0, t1, zero, mask, base;", "mov.b32 zero, 0;",
@@ -93,8 +93,13 @@ def _ptx_codes(packed, plane: int, bits: int):
     if shift:
         lines += [f"shr.b32 t0, t0, {shift};", f"shr.b32 t1, t1, {shift};"]
     lines += ["lop3.b32 $0, t0, mask, base, 0xEA;", "lop3.b32 $1, t1, mask, base, 0xEA;", "}"]
+    return "\n".join(lines)
+
+
+def _ptx_codes(packed, plane: int, bits: int):
+    """uint8 (rows, bn) -> bfloat16 ``128 + code`` of ``plane`` (:func:`ptx_code_asm`)."""
     [biased] = pltriton.elementwise_inline_asm(
-        "\n".join(lines), args=[packed], constraints="=r,=r,r", pack=4,
+        ptx_code_asm(plane, bits), args=[packed], constraints="=r,=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)])
     return biased
 

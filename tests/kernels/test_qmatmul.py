@@ -75,6 +75,50 @@ def test_ptx_codes_are_gpu_only(monkeypatch):
         qmatmul(jnp.ones((1, 256)), q, "interpret")
 
 
+def _run_ptx(asm: str, word: int) -> tuple[int, int]:
+    """Executes the few PTX instructions the code conversion uses (mov, prmt, shr, lop3) on
+    32-bit integers: the CPU cannot run the asm, so its bit logic is checked here."""
+    regs = {"$2": word}
+    val = lambda t: int(t, 0) if t[0].isdigit() else regs[t]  # noqa: E731
+    for line in asm.split("\n"):
+        op, _, args = line.rstrip(";").partition(" ")
+        a = [t.strip() for t in args.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "prmt.b32":  # bytes of {b, a}, each picked by one selector nibble
+            pool = (val(a[2]) << 32 | val(a[1])).to_bytes(8, "little")
+            sel = val(a[3])
+            regs[a[0]] = int.from_bytes(bytes(pool[(sel >> 4 * i) & 7] for i in range(4)),
+                                        "little")
+            assert all((sel >> 4 * i) & 8 == 0 for i in range(4))  # no sign replication
+        elif op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "lop3.b32":  # bit k of the table: the result for (a, b, c) = bits of k
+            x, y, z, lut = (val(t) for t in a[1:])
+            regs[a[0]] = sum(1 << bit for bit in range(32)
+                             if lut >> ((x >> bit & 1) << 2 | (y >> bit & 1) << 1
+                                        | (z >> bit & 1)) & 1)
+        else:
+            assert op in ("{", "}", ".reg"), op
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_ptx_code_conversion_bit_logic(bits):
+    from ml_dtypes import bfloat16
+
+    from pallas_kernels.qmatmul.kernel import ptx_code_asm
+
+    rng = np.random.default_rng(bits)
+    for plane in range(8 // bits):
+        for word in rng.integers(0, 2**32, 64, dtype=np.uint64).tolist():
+            lo, hi = _run_ptx(ptx_code_asm(plane, bits), word)
+            halves = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], np.uint16)
+            got = halves.view(bfloat16).astype(np.float64)
+            codes = [(word >> 8 * i + plane * bits) & ((1 << bits) - 1) for i in range(4)]
+            np.testing.assert_array_equal(got, 128.0 + np.array(codes))
+
+
 def test_reference_agrees_with_qarray():
     rng = np.random.default_rng(0)
     for fmt in FORMATS.values():
