@@ -24,7 +24,7 @@ into the mantissa of bfloat16 128.0 (exponent 7: its seven mantissa bits count i
 the bits read 128 + code) and subtracting ``128 + zero`` in bfloat16, exact and free of
 conversions; and ``"ptx"``, the same with the bit work in inline PTX on four packed bytes at
 a time (``prmt``, ``shr``, ``lop3``). Hopper converts int to float at a quarter of its
-integer-logic rate; on an H100 ``"ptx"`` is 15-20 % faster than ``"convert"`` (BENCHMARKS.md).
+integer-logic rate; on an H100 ``"ptx"`` takes 14-18 % less time than ``"convert"``.
 8-bit codes do not fit the seven mantissa bits and always convert.
 
 Backends: GPU lowers through Pallas' **Triton** backend (selected explicitly with
