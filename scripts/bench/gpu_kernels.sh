@@ -4,11 +4,10 @@
 # 1. correctness of every format against float64 (f32 and bf16 activations), 2. device times
 # (profiler) of kernel / XLA dequantize / bf16 dense at the LLaMA-7B decode shapes, then of each
 # tiling spec given, 3. an old tree in .devbench/old (if present) profiled the same way, as the
-# baseline, 4. the whole-model check, 5. the wall-clock table of kernels.py with the fastest
-# spec. Everything is written under $OUT. To compare with revision REV: mkdir -p
-# .devbench/old/scripts/bench && git archive REV pallas_kernels jaxcomp | tar -x -C
-# .devbench/old && cp scripts/bench/kernel_profile.py scripts/bench/kernels.py
-# .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it to the GPU machine).
+# baseline, 4. the whole-model check. Everything is written under $OUT; a summary is printed.
+# To compare with revision REV: mkdir -p .devbench/old/scripts/bench && git archive REV
+# pallas_kernels jaxcomp | tar -x -C .devbench/old && cp scripts/bench/kernel_profile.py
+# scripts/bench/kernels.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -39,30 +38,8 @@ for r in rows("profile.jsonl") + [dict(r, path="OLD") for r in rows("profile_old
     if "error" in r:
         print(r["K"], r["N"], r["path"], r["tiling"], "ERROR", r["error"][:120])
         continue
-    own = sum(v["count"] * v["mean_us"] for k, v in r["kernels"].items() if "qmatmul" in k) / 16
     print(f'{r["K"]}x{r["N"]} {r["path"]:10} {str(r["tiling"])[:32]:32} total '
-          f'{r["device_us_per_call"]:6.1f} kernel {own:6.1f} err {r["max_rel_err"] or 0:.1e}')
+          f'{r["device_us_per_call"]:6.1f} kernel {r.get("kernel_us") or 0:6.1f} '
+          f'err {r["max_rel_err"] or 0:.1e}')
 PY
 timeout 50 python3 scripts/bench/model_check.py --layers 4 --hidden 4096 --tokens 1 | tee "$OUT/model.txt"
-BEST=$(python3 - "$OUT/profile.jsonl" <<'PY'
-import json, sys, collections
-rows = [json.loads(line) for line in open(sys.argv[1])]
-tot, n = collections.Counter(), collections.Counter()
-for r in rows:
-    if r["path"] == "kernel" and "device_us_per_call" in r and r["max_rel_err"] < 1e-2:
-        tot[r["tiling"]] += r["device_us_per_call"]; n[r["tiling"]] += 1
-full = max(n.values())
-best = min((t for t in tot if n[t] == full), key=tot.get)
-print(best if best.startswith("decode=") else "")
-PY
-)
-echo "fastest decode tiling over the shapes: ${BEST:-the default}"
-timeout 100 python3 scripts/bench/kernels.py --ms 1 --reps 32 ${BEST:+--tiling $BEST} \
-    --out "$OUT/table.jsonl" > "$OUT/table.log" 2>&1 || tail -3 "$OUT/table.log"
-python3 -c "
-import json
-for r in map(json.loads, open('$OUT/table.jsonl')):
-    if 'format' in r:
-        print(r['format'], r['K'], r['N'], 'dense', round(r['dense_bf16_us'], 1), 'xla',
-              round(r['xla_dequant_us'], 1), 'kernel', r['kernel_us'] and round(r['kernel_us'], 1))
-"

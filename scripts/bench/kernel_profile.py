@@ -10,8 +10,9 @@ each, each on its own copy of the weights, so they come from HBM, not L2) under
 ``jax.profiler.trace`` and prints, per path, every GPU kernel's name, count and mean duration
 from the Perfetto trace: what the wrapper ops cost next to the kernel itself. ``--sweep`` then
 profiles the kernel path once per tiling spec (``kernels.py``'s ``regime=...`` syntax) in the
-same process. Every kernel-path row also carries the output's relative error against the
-float64 reference (``max|y - ref| / max|ref|``; bf16 activations and output, so ~1e-3).
+same process. Every kernel-path row also carries the Pallas kernel's own time (``kernel_us``,
+without the wrapper ops) and the output's relative error against the float64 reference
+(``max|y - ref| / max|ref|``; bf16 activations and output, so ~1e-3).
 """
 
 import argparse
@@ -127,7 +128,10 @@ def main():
                     emit({**row, "error": str(e).splitlines()[0][:300]})
                     continue
             nbytes = w.size * 2 if dense else q.nbytes
+            kernel_us = sum(v["count"] * v["mean_us"] for kname, v in kernels.items()
+                            if kname.startswith("qmatmul")) / args.calls
             emit({**row, "device_us_per_call": total, "weight_gbs": nbytes / total / 1e3,
+                  "kernel_us": kernel_us or None,
                   "max_rel_err": None if dense else
                   float(np.abs(y - ref).max() / np.abs(ref).max()),
                   "kernels": kernels})
