@@ -35,7 +35,7 @@ from jaxcomp.quant import quantize_array  # noqa: E402
 from pallas_kernels.qmatmul.reference import qmatmul_reference  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import FORMATS, apply_tilings  # noqa: E402
+from kernels import FORMATS, apply_tilings, apply_tilings_or_exit  # noqa: E402
 
 
 def device_events(trace_dir: str):
@@ -87,7 +87,7 @@ def main():
         sys.exit(2)
     import pallas_kernels.qmatmul.ops as ops
 
-    apply_tilings("gpu", args.tiling)
+    apply_tilings_or_exit("gpu", args.tiling)
     base_tilings = dict(ops.TILINGS["gpu"])
     device = jax.devices()[0].device_kind
 

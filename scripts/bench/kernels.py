@@ -86,7 +86,7 @@ def main():
         if out:
             out.write(json.dumps(row) + "\n")
 
-    apply_tilings(backend, args.tiling)
+    apply_tilings_or_exit(backend, args.tiling)
     for name in args.formats:  # correctness first, on a small odd-tailed shape, each regime
         q = quantize_array(rng.normal(size=(576, 256)).astype(np.float32), FORMATS[name])
         for m, dtype in itertools.product((1, 3, 8, 64), (jnp.float32, jnp.bfloat16)):
@@ -126,27 +126,41 @@ def main():
                       q.nbytes / t_kernel / 1e9 / args.peak_gbs})
 
 
-def parse_tiling(spec: str):
-    """``regime=block_n:warps:stages:min_programs[:codes]`` -> (regime, Tiling)."""
+def parse_tiling(spec: str, current=None):
+    """``regime=block_n:warps:stages:min_programs[:codes]`` -> (regime, Tiling); without codes,
+    ``current``'s (the tiling it replaces) are kept. Raises ValueError on a malformed spec."""
     from pallas_kernels.qmatmul.kernel import Tiling
 
-    regime, values = spec.split("=")
-    bn, warps, stages, programs, *codes = values.split(":")
-    return regime, Tiling(16 if regime == "decode" else 64, int(bn), int(warps), int(stages),
-                          int(programs), *codes)
+    regime, _, values = spec.partition("=")
+    fields = values.split(":")
+    if regime not in ("decode", "prefill") or len(fields) not in (4, 5) or not all(
+            f.isdigit() for f in fields[:4]):
+        raise ValueError(f"bad tiling {spec!r}: want decode|prefill=block_n:warps:stages:"
+                         f"min_programs[:codes]")
+    codes = fields[4] if len(fields) == 5 else (current.codes if current else "convert")
+    return regime, Tiling(16 if regime == "decode" else 64, *map(int, fields[:4]), codes)
 
 
 def apply_tilings(backend: str, specs) -> None:
     """Overrides ``ops.TILINGS[backend]`` with each spec; ``regime=none`` drops that regime
-    (it then takes the XLA path)."""
+    (it then takes the XLA path). Raises ValueError on a malformed spec."""
     import pallas_kernels.qmatmul.ops as ops
 
     for spec in specs:
         if spec.endswith("=none"):
             ops.TILINGS[backend].pop(spec.split("=")[0], None)
         else:
-            regime, tiling = parse_tiling(spec)
+            regime, tiling = parse_tiling(spec, ops.TILINGS[backend].get(spec.split("=")[0]))
             ops.TILINGS[backend][regime] = tiling
+
+
+def apply_tilings_or_exit(backend: str, specs) -> None:
+    """:func:`apply_tilings` for a command line: a bad spec is one line and exit code 2."""
+    try:
+        apply_tilings(backend, specs)
+    except ValueError as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,20 @@ def test_w4_smollm2_kernel_path_equals_xla():
         assert str(jax.make_jaxpr(forward)(q, tokens)).count("pallas_call") == 210
         got = np.asarray(jax.jit(forward)(q, tokens))
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+def test_bench_tiling_specs():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench"))
+    from kernels import parse_tiling
+
+    from pallas_kernels.qmatmul.kernel import Tiling
+
+    current = Tiling(16, 64, codes="ptx")
+    assert parse_tiling("decode=128:8:3:528", current)[1] == Tiling(16, 128, 8, 3, 528, "ptx")
+    assert parse_tiling("prefill=64:4:2:1:mantissa")[1] == Tiling(64, 64, 4, 2, 1, "mantissa")
+    for bad in ("decode=64:8", "decoder=64:8:4:528", "decode=64:x:4:528"):
+        with pytest.raises(ValueError, match="bad tiling"):
+            parse_tiling(bad)
