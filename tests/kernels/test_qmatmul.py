@@ -210,13 +210,16 @@ def test_w4_smollm2_kernel_path_equals_xla():
 
 
 def test_bench_tiling_specs():
+    import importlib.util
     import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench"))
-    from kernels import parse_tiling
 
     from pallas_kernels.qmatmul.kernel import Tiling
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench", "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    parse_tiling = bench.parse_tiling
 
     current = Tiling(16, 64, codes="ptx")
     assert parse_tiling("decode=128:8:3:528", current)[1] == Tiling(16, 128, 8, 3, 528, "ptx")
