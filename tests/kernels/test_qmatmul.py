@@ -76,23 +76,30 @@ def test_ptx_codes_are_gpu_only(monkeypatch):
 
 
 def _run_ptx(asm: str, word: int) -> tuple[int, int]:
-    """Executes the few PTX instructions the code conversion uses (mov, prmt, shr, lop3) on
-    32-bit integers: the CPU cannot run the asm, so its bit logic is checked here."""
+    """Executes the few PTX instructions the code conversions use (mov, and, or, shl, shr,
+    prmt, lop3) on 32-bit integers: the CPU cannot run the asm, so its bit logic is checked
+    here."""
     regs = {"$2": word}
     val = lambda t: int(t, 0) if t[0].isdigit() else regs[t]  # noqa: E731
+    binary = {"and.b32": lambda x, y: x & y, "or.b32": lambda x, y: x | y,
+              "shl.b32": lambda x, y: (x << y) & 0xFFFFFFFF, "shr.b32": lambda x, y: x >> y}
+
+    def pick(pool, nibble):  # prmt: byte nibble & 7, or with bit 3 set that byte's sign spread
+        byte = pool[nibble & 7]
+        return (0xFF if byte & 0x80 else 0) if nibble & 8 else byte
+
     for line in asm.split("\n"):
         op, _, args = line.rstrip(";").partition(" ")
         a = [t.strip() for t in args.split(",")]
         if op == "mov.b32":
             regs[a[0]] = val(a[1])
+        elif op in binary:
+            regs[a[0]] = binary[op](val(a[1]), val(a[2]))
         elif op == "prmt.b32":  # bytes of {b, a}, each picked by one selector nibble
             pool = (val(a[2]) << 32 | val(a[1])).to_bytes(8, "little")
             sel = val(a[3])
-            regs[a[0]] = int.from_bytes(bytes(pool[(sel >> 4 * i) & 7] for i in range(4)),
+            regs[a[0]] = int.from_bytes(bytes(pick(pool, sel >> 4 * i & 15) for i in range(4)),
                                         "little")
-            assert all((sel >> 4 * i) & 8 == 0 for i in range(4))  # no sign replication
-        elif op == "shr.b32":
-            regs[a[0]] = val(a[1]) >> val(a[2])
         elif op == "lop3.b32":  # bit k of the table: the result for (a, b, c) = bits of k
             x, y, z, lut = (val(t) for t in a[1:])
             regs[a[0]] = sum(1 << bit for bit in range(32)
@@ -100,7 +107,8 @@ def _run_ptx(asm: str, word: int) -> tuple[int, int]:
                                         | (z >> bit & 1)) & 1)
         else:
             assert op in ("{", "}", ".reg"), op
-    return regs["$0"], regs["$1"]
+    lo, hi = regs["$0"], regs["$1"]
+    return [lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16]
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -112,12 +120,56 @@ def test_ptx_code_conversion_bit_logic(bits):
     rng = np.random.default_rng(bits)
     for plane in range(8 // bits):
         for word in rng.integers(0, 2**32, 64, dtype=np.uint64).tolist():
-            lo, hi = _run_ptx(ptx_code_asm(plane, bits), word)
-            halves = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], np.uint16)
+            halves = np.array(_run_ptx(ptx_code_asm(plane, bits), word), np.uint16)
             got = halves.view(bfloat16).astype(np.float64)
             codes = [(word >> 8 * i + plane * bits) & ((1 << bits) - 1) for i in range(4)]
             np.testing.assert_array_equal(got, 128.0 + np.array(codes))
 
+
+
+@pytest.mark.parametrize("fmt", ["nf4_g64", "fp4_g32"])
+def test_ptx_codebook_lookup_bit_logic(fmt):
+    # The lookup must give, bit for bit, the bfloat16 weights of the select chain it replaces.
+    from pallas_kernels.qmatmul.kernel import ptx_codebook_asm
+
+    codebook = kernel_format(quantize_array(np.ones((64, 64), np.float32), FORMATS[fmt])).codebook
+    want = np.asarray(jnp.asarray(np.float32(codebook)).astype(jnp.bfloat16)).view(np.uint16)
+    rng = np.random.default_rng(len(codebook))
+    words = [0, 0xFFFFFFFF, 0x76543210, 0xFEDCBA98] + rng.integers(
+        0, 2**32, 64, dtype=np.uint64).tolist()
+    for plane in range(2):
+        for word in words:
+            codes = [word >> 8 * i + 4 * plane & 15 for i in range(4)]
+            if max(codes) >= len(codebook):  # fp4 has 15 values: code 15 never occurs
+                continue
+            assert _run_ptx(ptx_codebook_asm(plane, codebook), word) == want[codes].tolist()
+
+
+def test_ptx_code_conversions_assemble(tmp_path):
+    # ptxas (the CUDA toolkit's, no GPU needed) accepts every inline-PTX conversion, wrapped
+    # in a kernel that loads the packed word and stores both outputs.
+    import shutil
+    import subprocess
+
+    from pallas_kernels.qmatmul.kernel import ptx_code_asm, ptx_codebook_asm
+
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        pytest.skip("no ptxas on PATH")
+    codebook = FORMATS["nf4_g64"].values
+    blocks = [ptx_code_asm(p, b) for b in (2, 4) for p in range(8 // b)]
+    blocks += [ptx_codebook_asm(p, codebook) for p in range(2)]
+    body = "\n".join(f"{{\n{asm.replace('$0', '%r1').replace('$1', '%r2').replace('$2', '%r0')}"
+                     f"\nst.global.v2.u32 [%rd1+{8 * i}], {{%r1, %r2}};\n}}"
+                     for i, asm in enumerate(blocks))
+    src = tmp_path / "codes.ptx"
+    src.write_text(".version 8.0\n.target sm_90\n.address_size 64\n"
+                   ".visible .entry codes(.param .u64 p) {\n.reg .b32 %r<3>;\n.reg .b64 %rd<2>;\n"
+                   "ld.param.u64 %rd1, [p];\nld.global.u32 %r0, [%rd1];\n"
+                   f"{body}\nret;\n}}\n")
+    run = subprocess.run([ptxas, "-arch=sm_90", str(src), "-o", str(tmp_path / "codes.cubin")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 def test_reference_agrees_with_qarray():
     rng = np.random.default_rng(0)
@@ -209,17 +261,40 @@ def test_w4_smollm2_kernel_path_equals_xla():
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
 
 
-def test_bench_tiling_specs():
+def _bench_module(name: str):
     import importlib.util
     import os
+    import sys
 
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench")
+    sys.path.insert(0, folder)  # kernel_sass imports kernels from its folder
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                      os.path.join(folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
+def test_sass_loop_body():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0020*/               @P0 BRA 0x50 ;
+        /*0030*/                   PRMT R3, R2, 0x4140, RZ ;
+        /*0040*/                   HMMA.16816.F32.BF16 R8, R12, R14, R8 ;
+        /*0050*/               @!P1 BRA 0x30 ;
+        /*0060*/                   EXIT ;
+        /*0070*/                   BRA 0x70;"""
+    assert _bench_module("kernel_sass").loop_body(sass) == ["PRMT", "HMMA", "BRA"]
+
+
+def test_bench_tiling_specs():
     from pallas_kernels.qmatmul.kernel import Tiling
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench", "kernels.py")
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    parse_tiling = bench.parse_tiling
+    parse_tiling = _bench_module("kernels").parse_tiling
 
     current = Tiling(16, 64, codes="ptx")
     assert parse_tiling("decode=128:8:3:528", current)[1] == Tiling(16, 128, 8, 3, 528, "ptx")
