@@ -3,8 +3,8 @@
 # Usage: OUT=dir bash scripts/bench/gpu_kernels.sh [sweep specs...]
 # 1. correctness of every format against float64 (f32 and bf16 activations), 2. device times
 # (profiler) of kernel / XLA dequantize / bf16 dense at the LLaMA-7B decode shapes, then of each
-# tiling spec given, 3. an old tree in .devbench/old (if present) profiled the same way, as the
-# baseline, 4. the whole-model check. Everything is written under $OUT; a summary is printed.
+# tiling spec given, and of NF4's two code conversions, 3. an old tree in .devbench/old (if
+# present) profiled the same way, as the baseline, 4. the whole-model check. Everything is written under $OUT; a summary is printed.
 # To compare with revision REV: mkdir -p .devbench/old/scripts/bench && git archive REV
 # pallas_kernels jaxcomp | tar -x -C .devbench/old && cp scripts/bench/kernel_profile.py
 # scripts/bench/kernels.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).
@@ -20,6 +20,10 @@ timeout 90 python3 scripts/bench/kernels.py --check-only --out "$OUT/checks.json
     > "$OUT/checks.log" 2>&1 || tail -5 "$OUT/checks.log"
 timeout 270 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --sweep "$@" \
     --out "$OUT/profile.jsonl" > "$OUT/profile.log" 2>&1 || tail -5 "$OUT/profile.log"
+# NF4: the prmt table lookup (the default ptx codes) against the select chain (convert).
+timeout 120 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --format nf4_g64 \
+    --paths kernel dense_bf16 --sweep decode=64:4:3:528:convert --out "$OUT/profile_nf4.jsonl" \
+    > "$OUT/profile_nf4.log" 2>&1 || tail -5 "$OUT/profile_nf4.log"
 if [ -d .devbench/old ]; then
     (cd .devbench/old && timeout 70 python3 scripts/bench/kernel_profile.py --shapes $SHAPES \
         --paths kernel --out "$OUT/profile_old.jsonl" > "$OUT/profile_old.log" 2>&1)
@@ -34,11 +38,12 @@ for r in rows("checks.jsonl"):
     key = (r["check"], r["dtype"])
     worst[key] = max(worst.get(key, 0), r["max_rel_err_vs_f64"])
 print("checks, max rel err:", {f"{k[0]}/{k[1]}": f"{v:.1e}" for k, v in worst.items()})
-for r in rows("profile.jsonl") + [dict(r, path="OLD") for r in rows("profile_old.jsonl")]:
+for r in (rows("profile.jsonl") + rows("profile_nf4.jsonl")
+          + [dict(r, path="OLD") for r in rows("profile_old.jsonl")]):
     if "error" in r:
         print(r["K"], r["N"], r["path"], r["tiling"], "ERROR", r["error"][:120])
         continue
-    print(f'{r["K"]}x{r["N"]} {r["path"]:10} {str(r["tiling"])[:32]:32} total '
+    print(f'{r["format"]:9} {r["K"]}x{r["N"]} {r["path"]:10} {str(r["tiling"])[:32]:32} total '
           f'{r["device_us_per_call"]:6.1f} kernel {r.get("kernel_us") or 0:6.1f} '
           f'err {r["max_rel_err"] or 0:.1e}')
 PY
