@@ -267,7 +267,10 @@ def _bench_module(name: str):
     import sys
 
     folder = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench")
-    sys.path.insert(0, folder)  # kernel_sass imports kernels from its folder
+    # kernel_sass imports `kernels` from its folder; a `kernels` package from PyPI (which
+    # transformers may have imported already) must not stand in for it.
+    shadowed = sys.modules.pop("kernels", None)
+    sys.path.insert(0, folder)
     try:
         spec = importlib.util.spec_from_file_location(f"bench_{name}",
                                                       os.path.join(folder, f"{name}.py"))
@@ -275,6 +278,9 @@ def _bench_module(name: str):
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(folder)
+        sys.modules.pop("kernels", None)
+        if shadowed is not None:
+            sys.modules["kernels"] = shadowed
     return module
 
 
