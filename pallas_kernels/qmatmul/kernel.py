@@ -101,7 +101,7 @@ def ptx_code_asm(plane: int, bits: int) -> str:
     return "\n".join(lines)
 
 
-def bf16_bits(values) -> list[int]:
+def _bf16_bits(values) -> list[int]:
     """The 16-bit patterns of ``values`` rounded to bfloat16 as the kernel's select chain
     rounds them (float32 first), so the lookup and the chain give the same weights."""
     return np.asarray(values, np.float32).astype(jnp.bfloat16).view(np.uint16).tolist()
@@ -113,9 +113,10 @@ def ptx_codebook_asm(plane: int, codebook: tuple[float, ...]) -> str:
     from a pair of registers by 3-bit indices, four at a time. The 16 values' low and high
     bytes are two 16-byte tables, four registers each; the low three code bits index both
     halves of a table and the fourth bit chooses between them (``lop3`` with a byte mask that
-    ``prmt``'s sign mode spreads from bit 7 of each byte). 14 instructions per 4 weights, not
-    the 31 compares and selects per weight of the select chain."""
-    table = bf16_bits(codebook) + [0] * (16 - len(codebook))
+    ``prmt``'s sign mode spreads from bit 7 of each byte). 14-15 instructions per 4 weights
+    besides the table constants, where the select chain takes 31 compares and selects per
+    weight."""
+    table = _bf16_bits(codebook) + [0] * (16 - len(codebook))
     word = lambda b: sum(b[i] << 8 * i for i in range(4))  # noqa: E731
     lows = [word([v & 0xFF for v in table[4 * r:4 * r + 4]]) for r in range(4)]
     highs = [word([v >> 8 for v in table[4 * r:4 * r + 4]]) for r in range(4)]

@@ -4,7 +4,8 @@
 # 1. correctness of every format against float64 (f32 and bf16 activations), 2. device times
 # (profiler) of kernel / XLA dequantize / bf16 dense at the LLaMA-7B decode shapes, then of each
 # tiling spec given, and of NF4's two code conversions, 3. an old tree in .devbench/old (if
-# present) profiled the same way, as the baseline, 4. the whole-model check. Everything is written under $OUT; a summary is printed.
+# present) profiled the same way, as the baseline, 4. the whole-model check. Everything is
+# written under $OUT; a summary is printed.
 # To compare with revision REV: mkdir -p .devbench/old/scripts/bench && git archive REV
 # pallas_kernels jaxcomp | tar -x -C .devbench/old && cp scripts/bench/kernel_profile.py
 # scripts/bench/kernels.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).

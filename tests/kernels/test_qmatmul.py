@@ -75,7 +75,7 @@ def test_ptx_codes_are_gpu_only(monkeypatch):
         qmatmul(jnp.ones((1, 256)), q, "interpret")
 
 
-def _run_ptx(asm: str, word: int) -> tuple[int, int]:
+def _run_ptx(asm: str, word: int) -> list[int]:
     """Executes the few PTX instructions the code conversions use (mov, and, or, shl, shr,
     prmt, lop3) on 32-bit integers: the CPU cannot run the asm, so its bit logic is checked
     here."""
@@ -108,7 +108,7 @@ def _run_ptx(asm: str, word: int) -> tuple[int, int]:
         else:
             assert op in ("{", "}", ".reg"), op
     lo, hi = regs["$0"], regs["$1"]
-    return [lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16]
+    return [lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16]  # the four 16-bit results
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -124,7 +124,6 @@ def test_ptx_code_conversion_bit_logic(bits):
             got = halves.view(bfloat16).astype(np.float64)
             codes = [(word >> 8 * i + plane * bits) & ((1 << bits) - 1) for i in range(4)]
             np.testing.assert_array_equal(got, 128.0 + np.array(codes))
-
 
 
 @pytest.mark.parametrize("fmt", ["nf4_g64", "fp4_g32"])
@@ -170,6 +169,7 @@ def test_ptx_code_conversions_assemble(tmp_path):
     run = subprocess.run([ptxas, "-arch=sm_90", str(src), "-o", str(tmp_path / "codes.cubin")],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
 
 def test_reference_agrees_with_qarray():
     rng = np.random.default_rng(0)
