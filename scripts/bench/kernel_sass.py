@@ -2,7 +2,7 @@
 """Static view of the GPU kernel without a GPU: registers and SASS of its main loop.
 
 Usage: python scripts/bench/kernel_sass.py [--formats int4_g128 nf4_g64 ...] [--k 4096]
-       [--n 11008] [--m 1] [--tiling decode=64:4:3:528:ptx ...] [--arch 90] [--out FILE.jsonl]
+       [--n 11008] [--m 1] [--sweep decode=64:4:3:528:ptx ...] [--arch 90] [--out FILE.jsonl]
 
 Lowers the Pallas kernel for ``cuda`` on this CPU (jax's Triton dialect), compiles that
 Triton IR with the ``triton`` package for ``sm_<arch>`` and disassembles the cubin with the
@@ -39,8 +39,9 @@ from kernels import FORMATS, apply_tilings_or_exit  # noqa: E402
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.\S+)?([^;]*);")
 
 
-def triton_ir(fmt, k: int, n: int, m: int) -> list[str]:
-    """The Triton IR texts of the kernels in ``qmatmul`` lowered for cuda (one per pallas_call)."""
+def triton_ir(q, m: int) -> list[str]:
+    """The Triton IR texts of ``qmatmul(x, q)`` for an (m, K) bf16 x lowered for cuda (one per
+    pallas_call)."""
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     from pallas_kernels.qmatmul import qmatmul
@@ -52,8 +53,7 @@ def triton_ir(fmt, k: int, n: int, m: int) -> list[str]:
         texts.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
-    q = quantize_array(np.zeros((k, n), np.float32), fmt)
-    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((m, q.orig_shape[0]), jnp.bfloat16)
     registration.lowering.lower_jaxpr_to_triton_module = capture
     try:
         jax.jit(lambda x, q: qmatmul(x, q, "gpu")).trace(x, q).lower(
@@ -108,9 +108,9 @@ def main():
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=11008)
     p.add_argument("--m", type=int, default=1)
-    p.add_argument("--tiling", nargs="*", default=[],
-                   help="tiling specs as in kernels.py; each is compiled in turn (default: "
-                        "the GPU tilings of ops.py)")
+    p.add_argument("--sweep", nargs="*", default=[],
+                   help="tiling specs as in kernels.py, each compiled in turn (default: the "
+                        "GPU tilings of ops.py)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -123,21 +123,24 @@ def main():
 
     default = dict(ops.TILINGS["gpu"])
     rows = []
-    for spec in args.tiling or [None]:
+    weights = {name: quantize_array(np.zeros((args.k, args.n), np.float32), FORMATS[name])
+               for name in args.formats}
+    for spec in args.sweep or [None]:
         ops.TILINGS["gpu"] = dict(default)
         if spec:
             apply_tilings_or_exit("gpu", [spec])
-        for name in args.formats:
-            fmt = FORMATS[name]
-            if not ops.supported(quantize_array(np.zeros((fmt.group_size if fmt.granularity
-                                 == "group" else 256, 64), np.float32), fmt), (args.m, args.k),
-                                 "gpu"):
+        for name, q in weights.items():
+            if not ops.supported(q, (args.m, args.k), "gpu"):
                 print(f"{name}: XLA path at M={args.m}, no kernel")
                 continue
             tiling = ops._tiling("gpu", args.m, args.n)
-            kf = ops.kernel_format(quantize_array(np.zeros((args.k, 64), np.float32), fmt))
-            [ttir] = triton_ir(fmt, args.k, args.n, args.m)
-            stats = compile_sass(ttir, tiling, args.arch)
+            kf = ops.kernel_format(q)
+            [ttir] = triton_ir(q, args.m)
+            try:
+                stats = compile_sass(ttir, tiling, args.arch)
+            except Exception as e:  # a tiling or IR this Triton rejects is a result, not a crash
+                print(f"{name} {spec or 'default'}: compile failed: {str(e).splitlines()[0]}")
+                continue
             loop = stats.pop("loop")
             # Weights a thread dequantizes per K step: the (block_k, block_n) tile over the threads.
             per_thread = kf.block_k * tiling.block_n / (32 * tiling.num_warps)
