@@ -3,9 +3,12 @@
 # Usage: OUT=dir bash scripts/bench/gpu_kernels.sh [sweep specs...]
 # 1. correctness of every format against float64 (f32 and bf16 activations), 2. device times
 # (profiler) of kernel / XLA dequantize / bf16 dense at the LLaMA-7B decode shapes, then of each
-# tiling spec given, and of NF4's two code conversions, 3. an old tree in .devbench/old (if
-# present) profiled the same way, as the baseline, 4. the whole-model check. Everything is
-# written under $OUT; a summary is printed.
+# tiling spec given (default: the two that kernel_sass.py counts fewest instructions for), and
+# of NF4's two code conversions, 3. the kernel on N-major packed weights
+# (scripts/bench/patches/n_major_packed.patch applied to a copy in .devbench/nmajor; read its
+# kernel_us, the transpose is a separate op), 4. an old tree in .devbench/old (if present)
+# profiled the same way, as the baseline, 5. the whole-model check. Everything is written
+# under $OUT; a summary is printed.
 # To compare with revision REV: mkdir -p .devbench/old/scripts/bench && git archive REV
 # pallas_kernels jaxcomp | tar -x -C .devbench/old && cp scripts/bench/kernel_profile.py
 # scripts/bench/kernels.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).
@@ -15,16 +18,23 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 SHAPES="4096x11008 11008x4096 4096x4096"
+SWEEP=("$@")
+[ $# -eq 0 ] && SWEEP=(decode=64:4:2:528:ptx decode=128:8:2:528:ptx)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
 timeout 90 python3 scripts/bench/kernels.py --check-only --out "$OUT/checks.jsonl" \
     > "$OUT/checks.log" 2>&1 || tail -5 "$OUT/checks.log"
-timeout 270 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --sweep "$@" \
+timeout 270 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --sweep "${SWEEP[@]}" \
     --out "$OUT/profile.jsonl" > "$OUT/profile.log" 2>&1 || tail -5 "$OUT/profile.log"
 # NF4: the prmt table lookup (the default ptx codes) against the select chain (convert).
 timeout 120 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --format nf4_g64 \
     --paths kernel dense_bf16 --sweep decode=64:4:3:528:convert --out "$OUT/profile_nf4.jsonl" \
     > "$OUT/profile_nf4.log" 2>&1 || tail -5 "$OUT/profile_nf4.log"
+rm -rf .devbench/nmajor && mkdir -p .devbench/nmajor && cp -r pallas_kernels jaxcomp scripts \
+    .devbench/nmajor/ && (cd .devbench/nmajor && git apply scripts/bench/patches/n_major_packed.patch \
+    && timeout 100 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --paths kernel \
+    --sweep "${SWEEP[@]}" --out "$OUT/profile_nmajor.jsonl" > "$OUT/profile_nmajor.log" 2>&1) \
+    || tail -5 "$OUT/profile_nmajor.log"
 if [ -d .devbench/old ]; then
     (cd .devbench/old && timeout 70 python3 scripts/bench/kernel_profile.py --shapes $SHAPES \
         --paths kernel --out "$OUT/profile_old.jsonl" > "$OUT/profile_old.log" 2>&1)
@@ -40,6 +50,7 @@ for r in rows("checks.jsonl"):
     worst[key] = max(worst.get(key, 0), r["max_rel_err_vs_f64"])
 print("checks, max rel err:", {f"{k[0]}/{k[1]}": f"{v:.1e}" for k, v in worst.items()})
 for r in (rows("profile.jsonl") + rows("profile_nf4.jsonl")
+          + [dict(r, path="NMAJOR") for r in rows("profile_nmajor.jsonl")]
           + [dict(r, path="OLD") for r in rows("profile_old.jsonl")]):
     if "error" in r:
         print(r["K"], r["N"], r["path"], r["tiling"], "ERROR", r["error"][:120])

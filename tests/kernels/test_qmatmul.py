@@ -309,3 +309,36 @@ def test_bench_tiling_specs():
     for bad in ("decode=64:8", "decoder=64:8:4:528", "decode=64:x:4:528"):
         with pytest.raises(ValueError, match="bad tiling"):
             parse_tiling(bad)
+
+
+def test_n_major_patch_applies_and_matches_reference(tmp_path):
+    # scripts/bench/patches/n_major_packed.patch (an experiment gpu_kernels.sh times: packed
+    # weights stored N-major) must keep applying to the kernel and keep computing x @ W.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    shutil.copytree(os.path.join(root, "pallas_kernels"), tmp_path / "pallas_kernels")
+    patch = os.path.join(root, "scripts", "bench", "patches", "n_major_packed.patch")
+    subprocess.run(["git", "apply", patch], cwd=tmp_path, check=True)
+    check = """
+import sys, numpy as np, jax.numpy as jnp, pallas_kernels
+from jaxcomp.quant import int4, int8, nf4, quantize_array
+from pallas_kernels.qmatmul import qmatmul
+from pallas_kernels.qmatmul.reference import qmatmul_reference
+assert pallas_kernels.__file__.startswith(sys.argv[1]), pallas_kernels.__file__
+rng = np.random.default_rng(0)
+for fmt in (int4(128), int8(), nf4(64)):
+    q = quantize_array(rng.normal(size=(512, 192)).astype(np.float32), fmt)
+    for m in (1, 70):
+        x = rng.normal(size=(m, 512)).astype(np.float32)
+        ref = qmatmul_reference(x, q)
+        err = np.abs(np.asarray(qmatmul(jnp.asarray(x), q, "interpret"), np.float64) - ref).max()
+        assert err <= 1e-5 * np.abs(ref).max(), (fmt, m, err)
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", check, str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
