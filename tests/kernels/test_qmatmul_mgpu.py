@@ -1,0 +1,88 @@
+"""Mosaic GPU (Hopper) int4 decode kernel: interpret mode against float64, lowering for cuda."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxcomp.quant import int4, int8, nf4, quantize_array
+from pallas_kernels.qmatmul.kernel_mgpu import (
+    HopperTiling,
+    prepare,
+    qmatmul_hopper,
+    unsupported_reason,
+)
+from pallas_kernels.qmatmul.reference import dequantize_np, qmatmul_reference
+
+
+def _bf16_weights(q):
+    """The kernel's weights: (code - zero) * scale rounded to bfloat16, as float64."""
+    w = dequantize_np(q)  # (code - zero) exact, times the bf16 scale: one rounding to bf16 left
+    return np.asarray(jnp.asarray(w, jnp.float32).astype(jnp.bfloat16), np.float64)
+
+
+@settings(max_examples=6, deadline=None)
+@given(groups=st.sampled_from([2, 4, 6]), n_blocks=st.integers(1, 2), m=st.sampled_from([1, 3, 16]),
+       symmetric=st.booleans(), split=st.sampled_from([1, 2, 1000]), seed=st.integers(0, 1000))
+def test_interpret_matches_reference(groups, n_blocks, m, symmetric, split, seed):
+    rng = np.random.default_rng(seed)
+    k, n = 128 * groups, 64 * n_blocks
+    q = quantize_array(rng.normal(size=(k, n)).astype(np.float32), int4(128, symmetric=symmetric))
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    tiling = HopperTiling(groups_per_step=2, max_concurrent_steps=2, min_programs=split)
+    y = qmatmul_hopper(x, prepare(q), 128, tiling, interpret=True)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    x64 = np.asarray(x, np.float64)
+    # against the weights it multiplies: only float32 accumulation and the bf16 output round
+    ref = x64 @ _bf16_weights(q)
+    err = np.abs(np.asarray(y, np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= 2 ** -8, err
+    # against the exact dequantization: the bf16 weight rounding adds at most ~2^-9 per weight
+    exact = qmatmul_reference(x64, q)
+    assert np.abs(np.asarray(y, np.float64) - exact).max() / np.abs(exact).max() <= 1e-2
+
+
+def test_prepare_layout_matches_codes():
+    rng = np.random.default_rng(0)
+    q = quantize_array(rng.normal(size=(256, 64)).astype(np.float32), int4(128))
+    w = prepare(q)
+    assert w.codes.shape == (64, 256) and w.codes.dtype == jnp.int4
+    codes = np.asarray(w.codes, np.float64).T  # (K, N), signed
+    zeros = np.repeat(np.asarray(w.zeros, np.float64), 128, axis=0)
+    scales = np.repeat(np.asarray(w.scales, np.float64), 128, axis=0)
+    np.testing.assert_array_equal((codes - zeros) * scales, dequantize_np(q))
+
+
+@pytest.mark.parametrize("fmt", [int8(), nf4(64), int4(64), int4("channel")])
+def test_refuses_other_formats(fmt):
+    rng = np.random.default_rng(1)
+    q = quantize_array(rng.normal(size=(256, 64)).astype(np.float32), fmt)
+    assert unsupported_reason(q) is not None
+    with pytest.raises(ValueError, match="kernel_mgpu.prepare"):
+        prepare(q)
+
+
+def test_refuses_bad_activations():
+    rng = np.random.default_rng(2)
+    w = prepare(quantize_array(rng.normal(size=(256, 64)).astype(np.float32), int4(128)))
+    for x in (jnp.zeros((1, 256), jnp.float32), jnp.zeros((17, 256), jnp.bfloat16),
+              jnp.zeros((1, 128), jnp.bfloat16)):
+        with pytest.raises(ValueError, match="qmatmul_hopper"):
+            qmatmul_hopper(x, w, 128)
+    with pytest.raises(ValueError, match="multiple of 512"):  # K=256 < one 4-group step
+        qmatmul_hopper(jnp.zeros((1, 256), jnp.bfloat16), w, 128, HopperTiling(groups_per_step=4))
+
+
+@pytest.mark.parametrize("tiling", [HopperTiling(), HopperTiling(128, 1, 6),
+                                    HopperTiling(64, 4, 3, min_programs=1)])
+def test_lowers_for_cuda(tiling):
+    k, n, m = 4096, 256, 1
+    rng = np.random.default_rng(3)
+    w = prepare(quantize_array(rng.normal(size=(k, n)).astype(np.float32), int4(128)))
+    abstract = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+                jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), w)]
+    f = jax.jit(lambda x, w: qmatmul_hopper(x, w, 128, tiling))
+    text = f.trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
