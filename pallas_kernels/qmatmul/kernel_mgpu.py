@@ -20,8 +20,8 @@ place in ``QArray.left_matmul``'s dispatch.
 
 Layout: wgmma wants A rows along N with K contiguous, so the weights are re-laid once by
 :func:`prepare` (the same transposition ``scripts/bench/patches/n_major_packed.patch``
-proposes for all formats): ``codes`` (N, K) signed int4 = unsigned code - 8 (XOR of each
-nibble with 8 flips 0..15 to -8..7, Mosaic converts signed int4 fast), ``zeros`` (K/g, N) =
+proposes for all formats): ``codes`` (N, K) signed int4 = unsigned code - 8 (Mosaic converts
+signed int4 to bfloat16 by a bit trick), ``zeros`` (K/g, N) =
 zero point - 8 (so ``code - zero`` is unchanged), ``scales`` (K/g, N) bfloat16.
 
 Numerics: the dequantized weight is rounded to bfloat16 before the MMA (the XLA path's
@@ -44,6 +44,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxcomp.quant.formats import IntFormat
+from jaxcomp.quant.packing import unpack
 
 MAX_M = 16  # x^T is padded to 16 columns: wgmma's N, and the smallest 32-byte swizzle of bf16
 
@@ -73,8 +76,6 @@ class HopperWeights(NamedTuple):
 
 def unsupported_reason(q) -> str | None:
     """Why :func:`prepare` refuses ``q``, or ``None`` if it takes it."""
-    from jaxcomp.quant.formats import IntFormat
-
     fmt = q.fmt
     if not isinstance(fmt, IntFormat) or fmt.bits != 4 or fmt.granularity != "group":
         return f"needs an int4 group-quantized QArray, got {fmt}"
@@ -91,10 +92,7 @@ def prepare(q) -> HopperWeights:
     if (reason := unsupported_reason(q)) is not None:
         raise ValueError(f"kernel_mgpu.prepare: {reason}")
     k, n = q.orig_shape
-    packed = q.packed[: k // 2]
-    # byte row r holds K rows 2r (low nibble) and 2r+1 (high): interleave, subtract 8
-    nibbles = jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(k, n).astype(jnp.int8)
-    codes = (nibbles - 8).T.astype(jnp.int4)
+    codes = (unpack(q.packed, 4, k).astype(jnp.int8) - 8).T.astype(jnp.int4)
     groups = k // q.fmt.group_size
     zeros = 8.0 if q.zeros is None else q.zeros.astype(jnp.float32)
     zeros = jnp.broadcast_to(zeros, (groups, n)) - 8.0
@@ -197,6 +195,7 @@ def _kernel(n: int, k: int, group_size: int, tiling: HopperTiling, split: int, i
         grid=(n // block_n, split), grid_names=("n", "split"),
         scratch_types=dict(
             out_smem=plgpu.SMEM((block_n, MAX_M), jnp.float32),
+            # the interpreter's A staging tile; a minimal unused buffer on the GPU
             a_smem=plgpu.SMEM((block_n, g) if interpret else (8, 128), jnp.bfloat16)),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
