@@ -14,9 +14,9 @@ Why it exists: the Triton kernel (``kernel.py``) is latency-bound on an H100 (1.
 at 4096x11008 against the 3x goal; BENCHMARKS.md): its weight tiles go through shared memory
 and come back byte-wise, with a per-weight register shuffle. TMA + wgmma with the weights as
 the MMA's register operand is the structural change that remains. It is **not yet timed on a
-GPU** and not in any benchmark script yet (next step: a ``kernel_profile.py`` path that times
-``qmatmul_hopper`` on prepared weights against dense bf16); only a measured win earns it a
-place in ``QArray.left_matmul``'s dispatch.
+GPU**: ``scripts/bench/kernel_profile.py --paths mosaic`` (and ``--sweep mosaic=...``) times it
+on prepared weights against dense bf16, and ``gpu_kernels.sh`` runs that; only a measured win
+earns it a place in ``QArray.left_matmul``'s dispatch.
 
 Layout: wgmma wants A rows along N with K contiguous, so the weights are re-laid once by
 :func:`prepare` (the same transposition ``scripts/bench/patches/n_major_packed.patch``
@@ -78,7 +78,7 @@ def unsupported_reason(q) -> str | None:
     """Why :func:`prepare` refuses ``q``, or ``None`` if it takes it."""
     fmt = q.fmt
     if not isinstance(fmt, IntFormat) or fmt.bits != 4 or fmt.granularity != "group":
-        return f"needs an int4 group-quantized QArray, got {fmt}"
+        return f"needs an int4 group-quantized QArray, got {fmt.name}"
     if fmt.group_size % 128:
         return f"needs group_size a multiple of 128 (one swizzled int4 tile), got {fmt.group_size}"
     k, n = q.orig_shape
@@ -149,7 +149,9 @@ def _kernel(n: int, k: int, group_size: int, tiling: HopperTiling, split: int, i
     # the interpreter has no layouts; on the GPU the casts pin what layout inference may pick
     cast = (lambda v, _: v) if interpret else plgpu.layout_cast
 
-    def body(codes_gmem, scales_gmem, zeros_gmem, xt_gmem, out_gmem, out_smem, a_smem):
+    # Mosaic names the compiled kernel after this function: kernel_profile.py finds it by name
+    def qmatmul_hopper_kernel(codes_gmem, scales_gmem, zeros_gmem, xt_gmem, out_gmem, out_smem,
+                              a_smem):
         i, s = lax.axis_index("n"), lax.axis_index("split")
         rows = pl.ds(i * block_n, block_n)
         ks = pl.ds(s * chunk, chunk)
@@ -191,7 +193,7 @@ def _kernel(n: int, k: int, group_size: int, tiling: HopperTiling, split: int, i
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((split, n, MAX_M), jnp.float32),
+        qmatmul_hopper_kernel, out_type=jax.ShapeDtypeStruct((split, n, MAX_M), jnp.float32),
         grid=(n // block_n, split), grid_names=("n", "split"),
         scratch_types=dict(
             out_smem=plgpu.SMEM((block_n, MAX_M), jnp.float32),

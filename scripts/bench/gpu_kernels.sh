@@ -3,8 +3,9 @@
 # Usage: OUT=dir bash scripts/bench/gpu_kernels.sh [sweep specs...]
 # 1. correctness of every format against float64 (f32 and bf16 activations), 2. device times
 # (profiler) of kernel / XLA dequantize / bf16 dense at the LLaMA-7B decode shapes, then of each
-# tiling spec given (default: the two that kernel_sass.py counts fewest instructions for), and
-# of NF4's two code conversions, 3. the kernel on N-major packed weights
+# tiling spec given (default: the two that kernel_sass.py counts fewest instructions for), of
+# the Mosaic GPU int4 kernel (kernel_mgpu.py; profile_mosaic.jsonl) and of NF4's two code
+# conversions, 3. the kernel on N-major packed weights
 # (scripts/bench/patches/n_major_packed.patch applied to a copy in .devbench/nmajor; read its
 # kernel_us, the transpose is a separate op), 4. an old tree in .devbench/old (if present)
 # profiled the same way, as the baseline, 5. the whole-model check. Everything is written
@@ -20,12 +21,17 @@ export PYTHONUNBUFFERED=1
 SHAPES="4096x11008 11008x4096 4096x4096"
 SWEEP=("$@")
 [ $# -eq 0 ] && SWEEP=(decode=64:4:2:528:ptx decode=128:8:2:528:ptx)
+MOSAIC_SWEEP=(mosaic=128:2:4:528 mosaic=64:1:6:528 mosaic=64:4:3:528 mosaic=64:2:4:264)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
 timeout 90 python3 scripts/bench/kernels.py --check-only --out "$OUT/checks.jsonl" \
     > "$OUT/checks.log" 2>&1 || tail -5 "$OUT/checks.log"
 timeout 270 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --sweep "${SWEEP[@]}" \
     --out "$OUT/profile.jsonl" > "$OUT/profile.log" 2>&1 || tail -5 "$OUT/profile.log"
+# The Mosaic GPU int4 experiment (kernel_mgpu.py): default HopperTiling, then deeper/wider steps.
+timeout 150 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --paths mosaic dense_bf16 \
+    --sweep "${MOSAIC_SWEEP[@]}" --out "$OUT/profile_mosaic.jsonl" \
+    > "$OUT/profile_mosaic.log" 2>&1 || tail -5 "$OUT/profile_mosaic.log"
 # NF4: the prmt table lookup (the default ptx codes) against the select chain (convert).
 timeout 120 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --format nf4_g64 \
     --paths kernel dense_bf16 --sweep decode=64:4:3:528:convert --out "$OUT/profile_nf4.jsonl" \
@@ -46,10 +52,13 @@ def rows(name):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 worst = {}
 for r in rows("checks.jsonl"):
+    if "error" in r:
+        print("check", r["check"], "M", r["M"], "ERROR", r["error"][:120])
+        continue
     key = (r["check"], r["dtype"])
     worst[key] = max(worst.get(key, 0), r["max_rel_err_vs_f64"])
 print("checks, max rel err:", {f"{k[0]}/{k[1]}": f"{v:.1e}" for k, v in worst.items()})
-for r in (rows("profile.jsonl") + rows("profile_nf4.jsonl")
+for r in (rows("profile.jsonl") + rows("profile_mosaic.jsonl") + rows("profile_nf4.jsonl")
           + [dict(r, path="NMAJOR") for r in rows("profile_nmajor.jsonl")]
           + [dict(r, path="OLD") for r in rows("profile_old.jsonl")]):
     if "error" in r:

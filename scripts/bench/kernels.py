@@ -12,7 +12,9 @@ per kernel use ``scripts/bench/kernel_profile.py``. Reports time per matmul, ach
 bandwidth (stored weight bytes / time) and its fraction of the peak given by --peak-gbs (H100
 SXM HBM3: 3350 GB/s, H200: 4800). On a CPU only the dense and XLA paths are timed (Pallas
 only interprets there); correctness of the kernel against the float64 reference is checked on
-every backend on a small shape first (``--check-only``: only that, f32 and bf16 activations).
+every backend on a small shape first (``--check-only``: only that, f32 and bf16 activations),
+and so is the Mosaic GPU int4 kernel (``kernel_mgpu``; interpret mode off a GPU), which is
+timed by ``kernel_profile.py --paths mosaic`` only.
 """
 
 import argparse
@@ -98,6 +100,9 @@ def main():
             emit({"check": name, "M": m, "dtype": jnp.dtype(dtype).name, "backend": backend,
                   "device": device,
                   "max_rel_err_vs_f64": float(np.abs(y - ref).max() / np.abs(ref).max())})
+    if "int4_g128" in args.formats:  # the Mosaic GPU experiment (compiled on a GPU only)
+        for row in hopper_checks(rng, interpret=backend != "gpu"):
+            emit({**row, "backend": backend, "device": device})
     if args.check_only:
         return
     for k, n in SHAPES:
@@ -126,6 +131,27 @@ def main():
                       q.nbytes / t_kernel / 1e9 / args.peak_gbs})
 
 
+def hopper_checks(rng, interpret: bool):
+    """Check rows of the Mosaic GPU int4 kernel (``kernel_mgpu``, not dispatched) against the
+    float64 reference: M = 1, 3, 16 bf16 activations on a 1024 x 128 int4 g128 weight, with
+    and without split K."""
+    from pallas_kernels.qmatmul.kernel_mgpu import HopperTiling, prepare, qmatmul_hopper
+
+    q = quantize_array(rng.normal(size=(1024, 128)).astype(np.float32), FORMATS["int4_g128"])
+    w = prepare(q)
+    for m, split in itertools.product((1, 3, 16), (1, 4)):
+        x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
+        tiling = HopperTiling(64, 2, 2, min_programs=2 * split)
+        row = {"check": "int4_g128_mosaic", "M": m, "dtype": "bfloat16", "split_k": split}
+        try:
+            y = np.asarray(qmatmul_hopper(x, w, 128, tiling, interpret), np.float64)
+        except Exception as e:  # an experiment the GPU compiler rejects is a result
+            yield {**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            return
+        ref = qmatmul_reference(np.asarray(x, np.float64), q)
+        yield {**row, "max_rel_err_vs_f64": float(np.abs(y - ref).max() / np.abs(ref).max())}
+
+
 def parse_tiling(spec: str, current=None):
     """``regime=block_n:warps:stages:min_programs[:codes]`` -> (regime, Tiling); without codes,
     ``current``'s (the tiling it replaces) are kept. Raises ValueError on a malformed spec."""
@@ -139,6 +165,19 @@ def parse_tiling(spec: str, current=None):
                          f"min_programs[:codes]")
     codes = fields[4] if len(fields) == 5 else (current.codes if current else "convert")
     return regime, Tiling(16 if regime == "decode" else 64, *map(int, fields[:4]), codes)
+
+
+def parse_hopper_tiling(spec: str):
+    """``mosaic=block_n:groups_per_step:max_concurrent_steps:min_programs`` -> the Mosaic GPU
+    kernel's ``HopperTiling``. Raises ValueError on a malformed spec."""
+    from pallas_kernels.qmatmul.kernel_mgpu import HopperTiling
+
+    regime, _, values = spec.partition("=")
+    fields = values.split(":")
+    if regime != "mosaic" or len(fields) != 4 or not all(f.isdigit() for f in fields):
+        raise ValueError(f"bad tiling {spec!r}: want mosaic=block_n:groups_per_step:"
+                         f"max_concurrent_steps:min_programs")
+    return HopperTiling(*map(int, fields))
 
 
 def apply_tilings(backend: str, specs) -> None:

@@ -262,30 +262,7 @@ def test_w4_smollm2_kernel_path_equals_xla():
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
 
 
-def _bench_module(name: str):
-    import importlib.util
-    import os
-    import sys
-
-    folder = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench")
-    # kernel_sass imports `kernels` from its folder; a `kernels` package from PyPI (which
-    # transformers may have imported already) must not stand in for it.
-    shadowed = sys.modules.pop("kernels", None)
-    sys.path.insert(0, folder)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}",
-                                                      os.path.join(folder, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(folder)
-        sys.modules.pop("kernels", None)
-        if shadowed is not None:
-            sys.modules["kernels"] = shadowed
-    return module
-
-
-def test_sass_loop_body():
+def test_sass_loop_body(bench_module):
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   LDG.E R2, desc[UR4][R4.64] ;
@@ -295,13 +272,13 @@ def test_sass_loop_body():
         /*0050*/               @!P1 BRA 0x30 ;
         /*0060*/                   EXIT ;
         /*0070*/                   BRA 0x70;"""
-    assert _bench_module("kernel_sass").loop_body(sass) == ["PRMT", "HMMA", "BRA"]
+    assert bench_module("kernel_sass").loop_body(sass) == ["PRMT", "HMMA", "BRA"]
 
 
-def test_bench_tiling_specs():
+def test_bench_tiling_specs(bench_module):
     from pallas_kernels.qmatmul.kernel import Tiling
 
-    parse_tiling = _bench_module("kernels").parse_tiling
+    parse_tiling = bench_module("kernels").parse_tiling
 
     current = Tiling(16, 64, codes="ptx")
     assert parse_tiling("decode=128:8:3:528", current)[1] == Tiling(16, 128, 8, 3, 528, "ptx")

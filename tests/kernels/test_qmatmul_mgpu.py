@@ -86,3 +86,45 @@ def test_lowers_for_cuda(tiling):
     f = jax.jit(lambda x, w: qmatmul_hopper(x, w, 128, tiling))
     text = f.trace(*abstract).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_bench_mosaic_path(bench_module):
+    # kernel_profile.py's mosaic path runs this kernel on prepared weights with a parsed tiling
+    profile = bench_module("kernel_profile")
+    rng = np.random.default_rng(4)
+    q = quantize_array(rng.normal(size=(512, 128)).astype(np.float32), int4(128))
+    fn, spec = profile.hopper_path(q, "mosaic=64:1:2:4", interpret=True)
+    assert spec == "mosaic=64:1:2:4" and fn.keywords["tiling"] == HopperTiling(64, 1, 2, 4)
+    x = jnp.asarray(rng.normal(size=(3, 512)), jnp.bfloat16)
+    y, ref = np.asarray(fn(x, prepare(q)), np.float64), qmatmul_reference(np.asarray(x), q)
+    assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-2
+    assert profile.hopper_path(q)[1] == "mosaic=64:2:4:528"  # HopperTiling()'s fields
+    for bad in ("mosaic=64:2:4", "decode=64:2:4:528", "mosaic=64:x:4:528", "mosaic=96:2:4:528"):
+        with pytest.raises(ValueError, match="bad"):
+            profile.parse_hopper_tiling(bad)
+
+
+def test_bench_mosaic_checks(bench_module):
+    rows = list(bench_module("kernels").hopper_checks(np.random.default_rng(5), interpret=True))
+    assert [(r["M"], r["split_k"]) for r in rows] == [(1, 1), (1, 4), (3, 1), (3, 4), (16, 1),
+                                                      (16, 4)]
+    assert all(r["max_rel_err_vs_f64"] <= 1e-2 for r in rows), rows
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "mosaic=64:2"], "bad tiling 'mosaic=64:2'"),
+    (["--paths", "mosaic", "--format", "nf4_g64", "--shapes", "256x64"],
+     "the mosaic path needs an int4 group-quantized QArray, got nf4-g64"),
+])
+def test_bench_profile_refuses_bad_mosaic_args(args, message):
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench",
+                          "kernel_profile.py")
+    run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 2 and run.stdout == "", run
+    [line] = run.stderr.splitlines()
+    assert line.startswith(f"kernel_profile.py: {message}"), line
