@@ -22,7 +22,8 @@ Layout: wgmma wants A rows along N with K contiguous, so the weights are re-laid
 :func:`prepare` (the same transposition ``scripts/bench/patches/n_major_packed.patch``
 proposes for all formats): ``codes`` (N, K) signed int4 = unsigned code - 8 (Mosaic converts
 signed int4 to bfloat16 by a bit trick), ``zeros`` (K/g, N) =
-zero point - 8 (so ``code - zero`` is unchanged), ``scales`` (K/g, N) bfloat16.
+zero point - 8 (so ``code - zero`` is unchanged), ``scales`` (K/g, N) bfloat16; K zero-padded
+to a multiple of ``PAD_GROUPS`` groups (x gets as many zero columns per call).
 
 Numerics: the dequantized weight is rounded to bfloat16 before the MMA (the XLA path's
 ``dequantize(bfloat16)`` does the same); accumulation is float32. Verification on the CPU:
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,10 @@ from jaxcomp.quant.formats import IntFormat
 from jaxcomp.quant.packing import unpack
 
 MAX_M = 16  # x^T is padded to 16 columns: wgmma's N, and the smallest 32-byte swizzle of bf16
+# prepare() zero-pads K to a multiple of this many scale groups, so that split K has divisors
+# to choose from (LLaMA's 11008 = 86 groups of 128 = 43 two-group steps, a prime: unpadded,
+# 64 programs on 132 SMs); costs at most 7 groups of zero rows (2.3% at 11008)
+PAD_GROUPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +70,16 @@ class HopperTiling:
                              "groups_per_step and max_concurrent_steps >= 1")
 
 
-class HopperWeights(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scales", "zeros"],
+                   meta_fields=["k"])
+@dataclasses.dataclass(frozen=True)
+class HopperWeights:
     """An int4 ``QArray`` re-laid for the kernel (:func:`prepare`)."""
 
-    codes: jax.Array  # (N, K) int4, unsigned code - 8
-    scales: jax.Array  # (K/g, N) bfloat16
-    zeros: jax.Array  # (K/g, N) bfloat16, zero point - 8
+    codes: jax.Array  # (N, K') int4, unsigned code - 8; K' = K padded to PAD_GROUPS groups
+    scales: jax.Array  # (K'/g, N) bfloat16
+    zeros: jax.Array  # (K'/g, N) bfloat16, zero point - 8
+    k: int  # K, the activations' width
 
 
 def unsupported_reason(q) -> str | None:
@@ -92,12 +100,14 @@ def prepare(q) -> HopperWeights:
     if (reason := unsupported_reason(q)) is not None:
         raise ValueError(f"kernel_mgpu.prepare: {reason}")
     k, n = q.orig_shape
-    codes = (unpack(q.packed, 4, k).astype(jnp.int8) - 8).T.astype(jnp.int4)
     groups = k // q.fmt.group_size
+    pad = -groups % PAD_GROUPS  # zero groups: codes, zeros and scales 0 (and x's rows are 0)
+    codes = unpack(q.packed, 4, k).astype(jnp.int8) - 8
+    codes = jnp.pad(codes, ((0, pad * q.fmt.group_size), (0, 0))).T.astype(jnp.int4)
     zeros = 8.0 if q.zeros is None else q.zeros.astype(jnp.float32)
-    zeros = jnp.broadcast_to(zeros, (groups, n)) - 8.0
-    scales = jnp.broadcast_to(q.scales, (groups, n))
-    return HopperWeights(codes, scales.astype(jnp.bfloat16), zeros.astype(jnp.bfloat16))
+    zeros = jnp.pad(jnp.broadcast_to(zeros, (groups, n)) - 8.0, ((0, pad), (0, 0)))
+    scales = jnp.pad(jnp.broadcast_to(q.scales, (groups, n)), ((0, pad), (0, 0)))
+    return HopperWeights(codes, scales.astype(jnp.bfloat16), zeros.astype(jnp.bfloat16), k)
 
 
 def _split_k(tiling: HopperTiling, programs: int, steps: int) -> int:
@@ -123,18 +133,18 @@ def qmatmul_hopper(x: jax.Array, w: HopperWeights, group_size: int,
     Example:
       >>> y = qmatmul_hopper(x, prepare(q), q.fmt.group_size)  # doctest: +SKIP
     """
-    n, k = w.codes.shape
-    m = x.shape[0]
+    n, k = w.codes.shape  # K padded by prepare()
+    m = x.shape[0] if x.ndim == 2 else 0
     block_k = group_size * tiling.groups_per_step
-    if x.dtype != jnp.bfloat16 or x.ndim != 2 or x.shape[1] != k or not 1 <= m <= MAX_M:
-        raise ValueError(f"qmatmul_hopper: needs (M <= {MAX_M}, {k}) bfloat16 activations, "
+    if x.dtype != jnp.bfloat16 or x.ndim != 2 or x.shape[1] != w.k or not 1 <= m <= MAX_M:
+        raise ValueError(f"qmatmul_hopper: needs (M <= {MAX_M}, {w.k}) bfloat16 activations, "
                          f"got {x.shape} {x.dtype}")
     if k % block_k or n % tiling.block_n:
         raise ValueError(f"qmatmul_hopper: K={k} must be a multiple of {block_k} "
                          f"(group_size x groups_per_step) and N={n} of {tiling.block_n}")
     steps = k // block_k
     split = _split_k(tiling, n // tiling.block_n, steps)
-    xt = jnp.pad(x, ((0, MAX_M - m), (0, 0))).T  # (K, 16): wgmma's B, K-major rows
+    xt = jnp.pad(x, ((0, MAX_M - m), (0, k - w.k))).T  # (K, 16): wgmma's B, K-major rows
     partial = _kernel(n, k, group_size, tiling, split, interpret)(
         w.codes, w.scales, w.zeros, xt)
     return partial.sum(0)[:, :m].T.astype(x.dtype)

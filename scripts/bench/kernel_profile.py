@@ -179,8 +179,8 @@ def main():
                     emit({**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
                     continue
             if name == "mosaic":  # re-laid int4 codes (jax counts an int4 as one byte)
-                codes, scales, zeros = weights["mosaic"]
-                nbytes = codes.size // 2 + scales.nbytes + zeros.nbytes
+                hw = weights["mosaic"]
+                nbytes = hw.codes.size // 2 + hw.scales.nbytes + hw.zeros.nbytes
             else:
                 nbytes = w.size * 2 if name == "dense_bf16" else q.nbytes
             kernel_us = sum(v["count"] * v["mean_us"] for kname, v in kernels.items()

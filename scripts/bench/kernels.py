@@ -133,14 +133,14 @@ def main():
 
 def hopper_checks(rng, interpret: bool):
     """Check rows of the Mosaic GPU int4 kernel (``kernel_mgpu``, not dispatched) against the
-    float64 reference: M = 1, 3, 16 bf16 activations on a 1024 x 128 int4 g128 weight, with
-    and without split K."""
+    float64 reference: M = 1, 3, 16 bf16 activations on a 768 x 128 int4 g128 weight (K padded
+    to 8 groups by ``prepare``), with and without split K."""
     from pallas_kernels.qmatmul.kernel_mgpu import HopperTiling, prepare, qmatmul_hopper
 
-    q = quantize_array(rng.normal(size=(1024, 128)).astype(np.float32), FORMATS["int4_g128"])
+    q = quantize_array(rng.normal(size=(768, 128)).astype(np.float32), FORMATS["int4_g128"])
     w = prepare(q)
     for m, split in itertools.product((1, 3, 16), (1, 4)):
-        x = jnp.asarray(rng.normal(size=(m, 1024)), jnp.bfloat16)
+        x = jnp.asarray(rng.normal(size=(m, 768)), jnp.bfloat16)
         tiling = HopperTiling(64, 2, 2, min_programs=2 * split)
         row = {"check": "int4_g128_mosaic", "M": m, "dtype": "bfloat16", "split_k": split}
         try:

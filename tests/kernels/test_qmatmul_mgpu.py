@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from jaxcomp.quant import int4, int8, nf4, quantize_array
 from pallas_kernels.qmatmul.kernel_mgpu import (
     HopperTiling,
+    _split_k,
     prepare,
     qmatmul_hopper,
     unsupported_reason,
@@ -48,11 +49,24 @@ def test_prepare_layout_matches_codes():
     rng = np.random.default_rng(0)
     q = quantize_array(rng.normal(size=(256, 64)).astype(np.float32), int4(128))
     w = prepare(q)
-    assert w.codes.shape == (64, 256) and w.codes.dtype == jnp.int4
-    codes = np.asarray(w.codes, np.float64).T  # (K, N), signed
+    # K = 2 groups, zero-padded to PAD_GROUPS = 8 (so split K can divide the steps)
+    assert w.codes.shape == (64, 1024) and w.codes.dtype == jnp.int4
+    assert w.scales.shape == w.zeros.shape == (8, 64)
+    codes = np.asarray(w.codes, np.float64).T  # (K', N), signed
     zeros = np.repeat(np.asarray(w.zeros, np.float64), 128, axis=0)
     scales = np.repeat(np.asarray(w.scales, np.float64), 128, axis=0)
-    np.testing.assert_array_equal((codes - zeros) * scales, dequantize_np(q))
+    np.testing.assert_array_equal((codes - zeros) * scales, np.pad(dequantize_np(q), ((0, 768),
+                                                                                      (0, 0))))
+    assert not codes[256:].any() and not zeros[256:].any()
+
+
+def test_padding_gives_split_k_divisors():
+    # LLaMA's K = 11008 is 43 two-group steps (prime): padded to 88 groups, 44 steps split 4 ways
+    rng = np.random.default_rng(6)
+    w = prepare(quantize_array(rng.normal(size=(11008, 64)).astype(np.float32), int4(128)))
+    assert w.codes.shape == (64, 11264) and w.scales.shape == (88, 64)
+    assert _split_k(HopperTiling(), 4096 // 64, 11264 // 256) == 4
+    assert _split_k(HopperTiling(), 4096 // 64, 11008 // 256) == 1
 
 
 @pytest.mark.parametrize("fmt", [int8(), nf4(64), int4(64), int4("channel")])
@@ -68,11 +82,12 @@ def test_refuses_bad_activations():
     rng = np.random.default_rng(2)
     w = prepare(quantize_array(rng.normal(size=(256, 64)).astype(np.float32), int4(128)))
     for x in (jnp.zeros((1, 256), jnp.float32), jnp.zeros((17, 256), jnp.bfloat16),
-              jnp.zeros((1, 128), jnp.bfloat16)):
+              jnp.zeros((1, 128), jnp.bfloat16), jnp.zeros((1, 1025), jnp.bfloat16),
+              jnp.zeros((256,), jnp.bfloat16)):
         with pytest.raises(ValueError, match="qmatmul_hopper"):
             qmatmul_hopper(x, w, 128)
-    with pytest.raises(ValueError, match="multiple of 512"):  # K=256 < one 4-group step
-        qmatmul_hopper(jnp.zeros((1, 256), jnp.bfloat16), w, 128, HopperTiling(groups_per_step=4))
+    with pytest.raises(ValueError, match="multiple of 384"):  # K'=1024: not 3-group steps
+        qmatmul_hopper(jnp.zeros((1, 256), jnp.bfloat16), w, 128, HopperTiling(groups_per_step=3))
 
 
 @pytest.mark.parametrize("tiling", [HopperTiling(), HopperTiling(128, 1, 6),
