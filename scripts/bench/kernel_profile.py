@@ -47,6 +47,7 @@ from kernels import (  # noqa: E402
     FORMATS,
     apply_tilings,
     apply_tilings_or_exit,
+    error_fields,
     parse_hopper_tiling,
     parse_tiling,
 )
@@ -176,7 +177,7 @@ def main():
                     apply_tilings("gpu", [spec] if spec and name == "kernel" else [])
                     total, kernels, y = profile(run, xs, copies[name], args.calls)
                 except Exception as e:  # a tiling the compiler rejects is a result
-                    emit({**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+                    emit({**row, **error_fields(e)})
                     continue
             if name == "mosaic":  # re-laid int4 codes (jax counts an int4 as one byte)
                 hw = weights["mosaic"]

@@ -131,6 +131,13 @@ def main():
                       q.nbytes / t_kernel / 1e9 / args.peak_gbs})
 
 
+def error_fields(e: Exception) -> dict:
+    """A failure as row fields: its first line, and its last 4,000 characters (a GPU compiler's
+    message puts the cause at the end; a lent GPU session has no time to rerun for it)."""
+    text = f"{type(e).__name__}: {e}"
+    return {"error": text.splitlines()[0][:300], "error_detail": text[-4000:]}
+
+
 def hopper_checks(rng, interpret: bool):
     """Check rows of the Mosaic GPU int4 kernel (``kernel_mgpu``, not dispatched) against the
     float64 reference: M = 1, 3, 16 bf16 activations on a 768 x 128 int4 g128 weight (K padded
@@ -146,7 +153,7 @@ def hopper_checks(rng, interpret: bool):
         try:
             y = np.asarray(qmatmul_hopper(x, w, 128, tiling, interpret), np.float64)
         except Exception as e:  # an experiment the GPU compiler rejects is a result
-            yield {**row, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            yield {**row, **error_fields(e)}
             return
         ref = qmatmul_reference(np.asarray(x, np.float64), q)
         yield {**row, "max_rel_err_vs_f64": float(np.abs(y - ref).max() / np.abs(ref).max())}

@@ -143,3 +143,16 @@ def test_bench_profile_refuses_bad_mosaic_args(args, message):
     assert run.returncode == 2 and run.stdout == "", run
     [line] = run.stderr.splitlines()
     assert line.startswith(f"kernel_profile.py: {message}"), line
+
+
+def test_bench_mosaic_check_failure_is_a_row(bench_module, monkeypatch):
+    # a GPU compile failure becomes one row with the message's end, not a crashed check run
+    import pallas_kernels.qmatmul.kernel_mgpu as kernel_mgpu
+
+    def fail(*args):
+        raise RuntimeError("Mosaic GPU lowering failed\n" + "context\n" * 2000 + "the cause")
+
+    monkeypatch.setattr(kernel_mgpu, "qmatmul_hopper", fail)
+    [row] = bench_module("kernels").hopper_checks(np.random.default_rng(7), interpret=True)
+    assert row["error"] == "RuntimeError: Mosaic GPU lowering failed"
+    assert row["error_detail"].endswith("the cause") and len(row["error_detail"]) == 4000
