@@ -9,7 +9,7 @@
 # (scripts/bench/patches/n_major_packed.patch applied to a copy in .devbench/nmajor; read its
 # kernel_us, the transpose is a separate op), 4. an old tree in .devbench/old (if present)
 # profiled the same way, as the baseline, 5. the whole-model check. Everything is written
-# under $OUT; a summary is printed.
+# under $OUT; a summary is printed (per row: device time, kernel alone, dense bf16 / total).
 # To compare with revision REV: mkdir -p .devbench/old/scripts/bench && git archive REV
 # pallas_kernels jaxcomp | tar -x -C .devbench/old && cp scripts/bench/kernel_profile.py
 # scripts/bench/kernels.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).
@@ -58,14 +58,18 @@ for r in rows("checks.jsonl"):
     key = (r["check"], r["dtype"])
     worst[key] = max(worst.get(key, 0), r["max_rel_err_vs_f64"])
 print("checks, max rel err:", {f"{k[0]}/{k[1]}": f"{v:.1e}" for k, v in worst.items()})
-for r in (rows("profile.jsonl") + rows("profile_mosaic.jsonl") + rows("profile_nf4.jsonl")
-          + [dict(r, path="NMAJOR") for r in rows("profile_nmajor.jsonl")]
-          + [dict(r, path="OLD") for r in rows("profile_old.jsonl")]):
+profiled = (rows("profile.jsonl") + rows("profile_mosaic.jsonl") + rows("profile_nf4.jsonl")
+            + [dict(r, path="NMAJOR") for r in rows("profile_nmajor.jsonl")]
+            + [dict(r, path="OLD") for r in rows("profile_old.jsonl")])
+dense = {(r["K"], r["N"]): r["device_us_per_call"] for r in profiled
+         if r["path"] == "dense_bf16" and "error" not in r}
+for r in profiled:
     if "error" in r:
         print(r["K"], r["N"], r["path"], r["tiling"], "ERROR", r["error"][:120])
         continue
+    ratio = dense.get((r["K"], r["N"]), float("nan")) / r["device_us_per_call"]
     print(f'{r["format"]:9} {r["K"]}x{r["N"]} {r["path"]:10} {str(r["tiling"])[:32]:32} total '
           f'{r["device_us_per_call"]:6.1f} kernel {r.get("kernel_us") or 0:6.1f} '
-          f'err {r["max_rel_err"] or 0:.1e}')
+          f'dense/total {ratio:4.2f}x err {r["max_rel_err"] or 0:.1e}')
 PY
 timeout 50 python3 scripts/bench/model_check.py --layers 4 --hidden 4096 --tokens 1 | tee "$OUT/model.txt"

@@ -156,3 +156,38 @@ def test_bench_mosaic_check_failure_is_a_row(bench_module, monkeypatch):
     [row] = bench_module("kernels").hopper_checks(np.random.default_rng(7), interpret=True)
     assert row["error"] == "RuntimeError: Mosaic GPU lowering failed"
     assert row["error_detail"].endswith("the cause") and len(row["error_detail"]) == 4000
+
+
+def test_gpu_kernels_summary(tmp_path):
+    # gpu_kernels.sh's summary (its embedded Python) on rows shaped like the bench scripts'
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = open(os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench",
+                               "gpu_kernels.sh")).read()
+    summary = re.search(r"<<'PY'\n(.*?)\nPY\n", script, re.S).group(1)
+    shape = {"M": 1, "K": 4096, "N": 4096, "format": "int4_g128"}
+    rows = {
+        "checks.jsonl": [{"check": "int4_g128", "M": 1, "dtype": "bfloat16",
+                          "max_rel_err_vs_f64": 2e-3},
+                         {"check": "int4_g128_mosaic", "M": 1, "dtype": "bfloat16",
+                          "error": "RuntimeError: boom", "error_detail": "..."}],
+        "profile_mosaic.jsonl": [
+            {**shape, "path": "dense_bf16", "tiling": None, "device_us_per_call": 14.5,
+             "kernel_us": None, "max_rel_err": None},
+            {**shape, "path": "mosaic", "tiling": "mosaic=64:2:4:528", "device_us_per_call": 7.25,
+             "kernel_us": 6.0, "max_rel_err": 2e-3},
+            {**shape, "path": "mosaic", "tiling": "mosaic=64:4:3:528", "error": "ValueError: x"}],
+    }
+    for name, lines in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = subprocess.run([sys.executable, "-c", summary, str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "int4_g128_mosaic M 1 ERROR RuntimeError: boom" in out
+    assert "{'int4_g128/bfloat16': '2.0e-03'}" in out
+    assert re.search(r"mosaic\s+mosaic=64:2:4:528\s+total\s+7\.2 kernel\s+6\.0 dense/total 2\.00x",
+                     out), out
+    assert "4096 4096 mosaic mosaic=64:4:3:528 ERROR ValueError: x" in out
