@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # One GPU session's kernel checks and timings, in one command (a lent GPU is short on time).
 # Usage: OUT=dir bash scripts/bench/gpu_kernels.sh [sweep specs...]
-# 1. correctness of every format against float64 (f32 and bf16 activations), 2. device times
-# (profiler) of kernel / XLA dequantize / bf16 dense at the LLaMA-7B decode shapes, then of each
-# tiling spec given (default: the two that kernel_sass.py counts fewest instructions for), of
-# the Mosaic GPU int4 kernel (kernel_mgpu.py; profile_mosaic.jsonl) and of NF4's two code
-# conversions, 3. the kernel on N-major packed weights
-# (scripts/bench/patches/n_major_packed.patch applied to a copy in .devbench/nmajor; read its
-# kernel_us, the transpose is a separate op), 4. an old tree in .devbench/old (if present)
-# profiled the same way, as the baseline, 5. the whole-model check. Everything is written
-# under $OUT; a summary is printed (per row: device time, kernel alone, dense bf16 / total).
+# 1. correctness of every format against float64 (f32 and bf16 activations) and of the Mosaic
+# GPU int4 kernel, 2. device times (profiler) of the Mosaic GPU int4 kernel (kernel_mgpu.py;
+# profile_mosaic.jsonl) and dense bf16, then of the Triton kernel / XLA dequantize / bf16 dense at
+# the LLaMA-7B decode shapes and each tiling spec given (default: the two that kernel_sass.py
+# counts fewest instructions for), and of NF4's two code conversions, 3. the kernel on N-major
+# packed weights (scripts/bench/patches/n_major_packed.patch applied to a copy in
+# .devbench/nmajor; read its kernel_us, the transpose is a separate op), 4. an old tree in
+# .devbench/old (if present) profiled the same way, as the baseline, 5. the whole-model check.
+# Everything is written under $OUT as it is measured (a run cut off by the 600 s call limit
+# keeps its rows); a summary is printed (per row: device time, kernel alone, dense bf16 / total).
 # To compare with revision REV: mkdir -p .devbench/old/scripts/bench && git archive REV
 # pallas_kernels jaxcomp | tar -x -C .devbench/old && cp scripts/bench/kernel_profile.py
 # scripts/bench/kernels.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).
@@ -26,12 +27,13 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | 
 python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
 timeout 90 python3 scripts/bench/kernels.py --check-only --out "$OUT/checks.jsonl" \
     > "$OUT/checks.log" 2>&1 || tail -5 "$OUT/checks.log"
-timeout 270 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --sweep "${SWEEP[@]}" \
-    --out "$OUT/profile.jsonl" > "$OUT/profile.log" 2>&1 || tail -5 "$OUT/profile.log"
-# The Mosaic GPU int4 experiment (kernel_mgpu.py): default HopperTiling, then deeper/wider steps.
+# The Mosaic GPU int4 experiment (kernel_mgpu.py), first: never timed yet. Default HopperTiling,
+# then wider, deeper, one-group and fewer-program steps.
 timeout 150 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --paths mosaic dense_bf16 \
     --sweep "${MOSAIC_SWEEP[@]}" --out "$OUT/profile_mosaic.jsonl" \
     > "$OUT/profile_mosaic.log" 2>&1 || tail -5 "$OUT/profile_mosaic.log"
+timeout 270 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --sweep "${SWEEP[@]}" \
+    --out "$OUT/profile.jsonl" > "$OUT/profile.log" 2>&1 || tail -5 "$OUT/profile.log"
 # NF4: the prmt table lookup (the default ptx codes) against the select chain (convert).
 timeout 120 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --format nf4_g64 \
     --paths kernel dense_bf16 --sweep decode=64:4:3:528:convert --out "$OUT/profile_nf4.jsonl" \
