@@ -8,7 +8,9 @@ A TMA pipeline (``emit_pipeline``, ``max_concurrent_steps`` deep) streams each s
 scale and zero rows and ``x^T`` rows into shared memory; each scale group's codes are loaded to
 registers, converted int4 -> bfloat16 (Mosaic's upcast layout and bit-trick conversion),
 dequantized as ``(code - zero) * scale`` in bfloat16 (Machete's order: the MMA then needs one
-accumulator), and fed to ``wgmma`` with A from registers and ``x^T`` from shared memory.
+accumulator), and fed to ``wgmma`` with A from registers and ``x^T`` from shared memory; with
+``wgmma_in_flight = n`` the last n steps' MMAs keep running while the next step dequantizes
+(their ``x^T`` buffers are released n steps late, jax's Hopper matmul pattern).
 
 Why it exists: the Triton kernel (``kernel.py``) is latency-bound on an H100 (1.48x dense bf16
 at 4096x11008 against the 3x goal; BENCHMARKS.md): its weight tiles go through shared memory
@@ -31,7 +33,9 @@ Mosaic GPU's interpret mode runs the kernel (TMA copies, barriers, pipeline, wgm
 float64 reference; the interpreter's wgmma reads A only from shared memory, so there the
 dequantized tile is stored to a scratch buffer first -- the one difference from the GPU
 program, whose register-A wgmma is checked by lowering for cuda (Mosaic's layout inference and
-Python-side lowering run on the CPU; PTX generation happens in the CUDA plugin at compile time).
+Python-side lowering run on the CPU; PTX generation happens in the CUDA plugin at compile
+time, and that plugin needs a GPU). The interpreter's wgmma is synchronous: it checks the
+delayed-release fetch schedule of ``wgmma_in_flight``, not that the overlap is race-free.
 """
 
 from __future__ import annotations
@@ -63,11 +67,16 @@ class HopperTiling:
     groups_per_step: int = 2  # scale groups per pipeline step (TMA transfer: block_n x g*this)
     max_concurrent_steps: int = 4  # pipeline depth (shared memory buffers per input)
     min_programs: int = 528  # split K until the grid has this many programs (4 per H100 SM)
+    # steps whose wgmma may still run while the next step dequantizes (their x^T buffers are
+    # released that many steps later); 0 waits for each step's MMAs
+    wgmma_in_flight: int = 0
 
     def __post_init__(self):
-        if self.block_n % 64 or self.groups_per_step < 1 or self.max_concurrent_steps < 1:
+        if (self.block_n % 64 or self.groups_per_step < 1
+                or not 0 <= self.wgmma_in_flight < self.max_concurrent_steps):
             raise ValueError(f"bad HopperTiling {self}: block_n must be a multiple of 64, "
-                             "groups_per_step and max_concurrent_steps >= 1")
+                             "groups_per_step >= 1, 0 <= wgmma_in_flight < "
+                             "max_concurrent_steps")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scales", "zeros"],
@@ -179,7 +188,7 @@ def _kernel(n: int, k: int, group_size: int, tiling: HopperTiling, split: int, i
                         a_smem[...] = a
                         a = a_smem
                     plgpu.wgmma(acc_ref, a, xt_smem.at[j * g:(j + 1) * g])
-                plgpu.wgmma_wait(0)
+                plgpu.wgmma_wait(tiling.wgmma_in_flight)
 
             plgpu.emit_pipeline(
                 step, grid=(steps,), max_concurrent_steps=tiling.max_concurrent_steps,
@@ -189,10 +198,12 @@ def _kernel(n: int, k: int, group_size: int, tiling: HopperTiling, split: int, i
                     plgpu.BlockSpec((gps, block_n), lambda t: (t, 0)),
                     plgpu.BlockSpec((gps, block_n), lambda t: (t, 0)),
                     plgpu.BlockSpec((g * gps, MAX_M), lambda t: (t, 0), transforms=(
-                        plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32))),
+                        plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32)),
+                        delay_release=tiling.wgmma_in_flight),  # an in-flight wgmma's B
                 ],
             )(codes_gmem.at[rows, ks], scales_gmem.at[gs, rows], zeros_gmem.at[gs, rows],
               xt_gmem.at[ks])
+            plgpu.wgmma_wait(0)
             out_smem[...] = acc_ref[...]
 
         pl.run_scoped(scope, plgpu.ACC((block_n, MAX_M), jnp.float32))

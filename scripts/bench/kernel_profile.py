@@ -14,11 +14,11 @@ profiles the kernel path once per tiling spec (``kernels.py``'s ``regime=...`` s
 same process. Path ``mosaic`` is the Mosaic GPU int4 experiment (``kernel_mgpu.qmatmul_hopper``
 on weights re-laid once by its ``prepare``; int4 with groups of 128, M <= 16), with its default
 ``HopperTiling`` or, in ``--sweep``, ``mosaic=block_n:groups_per_step:max_concurrent_steps:
-min_programs``. Every kernel-path row also carries the Pallas kernel's own time (``kernel_us``,
-without the wrapper ops: pad, transposes, split-K sum) and the output's relative error against
-the float64 reference (``max|y - ref| / max|ref|``; bf16 activations and output, so ~1e-3).
-Bad arguments (a malformed spec, a format or M the mosaic path refuses, no GPU) are one line
-and exit code 2.
+min_programs[:wgmma_in_flight]``. Every kernel-path row also carries the Pallas kernel's own
+time (``kernel_us``, without the wrapper ops: pad, transposes, split-K sum) and the output's
+relative error against the float64 reference (``max|y - ref| / max|ref|``; bf16 activations
+and output, so ~1e-3). Bad arguments (a malformed spec, a format or M the mosaic path refuses,
+no GPU) are one line and exit code 2.
 """
 
 import argparse
@@ -107,7 +107,8 @@ def main():
                     help="override a tiling (kernels.py syntax) for the whole run")
     ap.add_argument("--sweep", nargs="*", default=[],
                     help="after the paths, profile the kernel path with each tiling spec "
-                         "(mosaic=block_n:groups_per_step:depth:min_programs: the Mosaic path)")
+                         "(mosaic=block_n:groups_per_step:depth:min_programs[:in_flight]: "
+                         "the Mosaic path)")
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--paths", nargs="*", default=["kernel", "xla", "dense_bf16"],
                     choices=["kernel", "xla", "dense_bf16", "mosaic"])

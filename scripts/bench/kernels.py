@@ -175,15 +175,15 @@ def parse_tiling(spec: str, current=None):
 
 
 def parse_hopper_tiling(spec: str):
-    """``mosaic=block_n:groups_per_step:max_concurrent_steps:min_programs`` -> the Mosaic GPU
-    kernel's ``HopperTiling``. Raises ValueError on a malformed spec."""
+    """``mosaic=block_n:groups_per_step:max_concurrent_steps:min_programs[:wgmma_in_flight]``
+    -> the Mosaic GPU kernel's ``HopperTiling``. Raises ValueError on a malformed spec."""
     from pallas_kernels.qmatmul.kernel_mgpu import HopperTiling
 
     regime, _, values = spec.partition("=")
     fields = values.split(":")
-    if regime != "mosaic" or len(fields) != 4 or not all(f.isdigit() for f in fields):
+    if regime != "mosaic" or len(fields) not in (4, 5) or not all(f.isdigit() for f in fields):
         raise ValueError(f"bad tiling {spec!r}: want mosaic=block_n:groups_per_step:"
-                         f"max_concurrent_steps:min_programs")
+                         f"max_concurrent_steps:min_programs[:wgmma_in_flight]")
     return HopperTiling(*map(int, fields))
 
 

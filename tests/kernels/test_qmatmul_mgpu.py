@@ -25,14 +25,17 @@ def _bf16_weights(q):
 
 
 @settings(max_examples=6, deadline=None)
-@given(groups=st.sampled_from([2, 4, 6]), n_blocks=st.integers(1, 2), m=st.sampled_from([1, 3, 16]),
-       symmetric=st.booleans(), split=st.sampled_from([1, 2, 1000]), seed=st.integers(0, 1000))
-def test_interpret_matches_reference(groups, n_blocks, m, symmetric, split, seed):
+@given(groups=st.sampled_from([2, 6, 10]), n_blocks=st.integers(1, 2),
+       m=st.sampled_from([1, 3, 16]), symmetric=st.booleans(),
+       split=st.sampled_from([1, 2, 1000]), in_flight=st.booleans(), seed=st.integers(0, 1000))
+def test_interpret_matches_reference(groups, n_blocks, m, symmetric, split, in_flight, seed):
     rng = np.random.default_rng(seed)
     k, n = 128 * groups, 64 * n_blocks
     q = quantize_array(rng.normal(size=(k, n)).astype(np.float32), int4(128, symmetric=symmetric))
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-    tiling = HopperTiling(groups_per_step=2, max_concurrent_steps=2, min_programs=split)
+    # K is padded to 8 or 16 groups: 4 or 8 steps, split 1, 2 or one step per program
+    tiling = HopperTiling(groups_per_step=2, max_concurrent_steps=2, min_programs=split,
+                          wgmma_in_flight=int(in_flight))
     y = qmatmul_hopper(x, prepare(q), 128, tiling, interpret=True)
     assert y.shape == (m, n) and y.dtype == jnp.bfloat16
     x64 = np.asarray(x, np.float64)
@@ -91,7 +94,8 @@ def test_refuses_bad_activations():
 
 
 @pytest.mark.parametrize("tiling", [HopperTiling(), HopperTiling(128, 1, 6),
-                                    HopperTiling(64, 4, 3, min_programs=1)])
+                                    HopperTiling(64, 4, 3, min_programs=1),
+                                    HopperTiling(64, 2, 4, wgmma_in_flight=1)])
 def test_lowers_for_cuda(tiling):
     k, n, m = 4096, 256, 1
     rng = np.random.default_rng(3)
@@ -113,8 +117,10 @@ def test_bench_mosaic_path(bench_module):
     x = jnp.asarray(rng.normal(size=(3, 512)), jnp.bfloat16)
     y, ref = np.asarray(fn(x, prepare(q)), np.float64), qmatmul_reference(np.asarray(x), q)
     assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-2
-    assert profile.hopper_path(q)[1] == "mosaic=64:2:4:528"  # HopperTiling()'s fields
-    for bad in ("mosaic=64:2:4", "decode=64:2:4:528", "mosaic=64:x:4:528", "mosaic=96:2:4:528"):
+    assert profile.hopper_path(q)[1] == "mosaic=64:2:4:528:0"  # HopperTiling()'s fields
+    assert profile.parse_hopper_tiling("mosaic=128:1:3:264:2") == HopperTiling(128, 1, 3, 264, 2)
+    for bad in ("mosaic=64:2:4", "decode=64:2:4:528", "mosaic=64:x:4:528", "mosaic=96:2:4:528",
+                "mosaic=64:2:2:528:2"):  # in flight >= pipeline depth
         with pytest.raises(ValueError, match="bad"):
             profile.parse_hopper_tiling(bad)
 
