@@ -141,15 +141,17 @@ def error_fields(e: Exception) -> dict:
 def hopper_checks(rng, interpret: bool):
     """Check rows of the Mosaic GPU int4 kernel (``kernel_mgpu``, not dispatched) against the
     float64 reference: M = 1, 3, 16 bf16 activations on a 768 x 128 int4 g128 weight (K padded
-    to 8 groups by ``prepare``), with and without split K."""
+    to 8 groups by ``prepare``): 4 steps in one program, with one step's MMAs left in flight
+    (on a GPU, where wgmma is asynchronous, a race would show here), and split K 4 ways."""
     from pallas_kernels.qmatmul.kernel_mgpu import HopperTiling, prepare, qmatmul_hopper
 
     q = quantize_array(rng.normal(size=(768, 128)).astype(np.float32), FORMATS["int4_g128"])
     w = prepare(q)
-    for m, split in itertools.product((1, 3, 16), (1, 4)):
+    for m, (split, in_flight) in itertools.product((1, 3, 16), ((1, 0), (1, 1), (4, 0))):
         x = jnp.asarray(rng.normal(size=(m, 768)), jnp.bfloat16)
-        tiling = HopperTiling(64, 2, 2, min_programs=2 * split)
-        row = {"check": "int4_g128_mosaic", "M": m, "dtype": "bfloat16", "split_k": split}
+        tiling = HopperTiling(64, 2, 2, min_programs=2 * split, wgmma_in_flight=in_flight)
+        row = {"check": "int4_g128_mosaic", "M": m, "dtype": "bfloat16", "split_k": split,
+               "wgmma_in_flight": in_flight}
         try:
             y = np.asarray(qmatmul_hopper(x, w, 128, tiling, interpret), np.float64)
         except Exception as e:  # an experiment the GPU compiler rejects is a result
