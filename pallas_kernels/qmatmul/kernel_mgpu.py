@@ -57,6 +57,7 @@ MAX_M = 16  # x^T is padded to 16 columns: wgmma's N, and the smallest 32-byte s
 # to choose from (LLaMA's 11008 = 86 groups of 128 = 43 two-group steps, a prime: unpadded,
 # 64 programs on 132 SMs); costs at most 7 groups of zero rows (2.3% at 11008)
 PAD_GROUPS = 8
+SMEM_LIMIT = 227 * 1024  # shared memory one H100 block may use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,16 @@ def prepare(q) -> HopperWeights:
     return HopperWeights(codes, scales.astype(jnp.bfloat16), zeros.astype(jnp.bfloat16), k)
 
 
+def smem_bytes(tiling: HopperTiling, group_size: int) -> int:
+    """Shared memory of one program, estimated: the pipeline's buffers of codes (int4), scale
+    and zero rows and x^T rows, the output tile and the A staging tile (without Mosaic's
+    alignment and barriers)."""
+    block_k = group_size * tiling.groups_per_step
+    step = (tiling.block_n * block_k // 2 + 2 * 2 * tiling.groups_per_step * tiling.block_n
+            + block_k * MAX_M * 2)
+    return tiling.max_concurrent_steps * step + tiling.block_n * MAX_M * 4 + 8 * 128 * 2
+
+
 def _split_k(tiling: HopperTiling, programs: int, steps: int) -> int:
     """The largest divisor of ``steps`` that does not overshoot ``tiling.min_programs``."""
     want = -(-tiling.min_programs // programs)
@@ -151,6 +162,9 @@ def qmatmul_hopper(x: jax.Array, w: HopperWeights, group_size: int,
     if k % block_k or n % tiling.block_n:
         raise ValueError(f"qmatmul_hopper: K={k} must be a multiple of {block_k} "
                          f"(group_size x groups_per_step) and N={n} of {tiling.block_n}")
+    if (need := smem_bytes(tiling, group_size)) > SMEM_LIMIT:
+        raise ValueError(f"qmatmul_hopper: {tiling} needs {need} bytes of shared memory, more "
+                         f"than the {SMEM_LIMIT} a block has")
     steps = k // block_k
     split = _split_k(tiling, n // tiling.block_n, steps)
     xt = jnp.pad(x, ((0, MAX_M - m), (0, k - w.k))).T  # (K, 16): wgmma's B, K-major rows

@@ -22,15 +22,16 @@ export PYTHONUNBUFFERED=1
 SHAPES="4096x11008 11008x4096 4096x4096"
 SWEEP=("$@")
 [ $# -eq 0 ] && SWEEP=(decode=64:4:2:528:ptx decode=128:8:2:528:ptx)
-MOSAIC_SWEEP=(mosaic=128:2:4:528 mosaic=64:1:6:528 mosaic=64:4:3:528 mosaic=64:2:4:264
-    mosaic=64:2:4:528:1)
+# wider slabs first: at block_n 64 each step moves as many x^T bytes (M padded to 16) as codes
+MOSAIC_SWEEP=(mosaic=128:2:4:528 mosaic=256:2:3:528 mosaic=64:1:6:528 mosaic=64:4:3:528
+    mosaic=64:2:4:264 mosaic=64:2:4:528:1 mosaic=128:2:4:528:1)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
 timeout 90 python3 scripts/bench/kernels.py --check-only --out "$OUT/checks.jsonl" \
     > "$OUT/checks.log" 2>&1 || tail -5 "$OUT/checks.log"
 # The Mosaic GPU int4 experiment (kernel_mgpu.py), first: never timed yet. Default HopperTiling,
-# then wider, deeper, one-group and fewer-program steps, and one step's wgmma left in flight.
-timeout 150 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --paths mosaic dense_bf16 \
+# then wider, one-group, deeper and fewer-program steps, and one step's wgmma left in flight.
+timeout 180 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --paths mosaic dense_bf16 \
     --sweep "${MOSAIC_SWEEP[@]}" --out "$OUT/profile_mosaic.jsonl" \
     > "$OUT/profile_mosaic.log" 2>&1 || tail -5 "$OUT/profile_mosaic.log"
 timeout 270 python3 scripts/bench/kernel_profile.py --shapes $SHAPES --sweep "${SWEEP[@]}" \

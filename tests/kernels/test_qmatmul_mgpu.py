@@ -13,6 +13,7 @@ from pallas_kernels.qmatmul.kernel_mgpu import (
     _split_k,
     prepare,
     qmatmul_hopper,
+    smem_bytes,
     unsupported_reason,
 )
 from pallas_kernels.qmatmul.reference import dequantize_np, qmatmul_reference
@@ -61,6 +62,17 @@ def test_prepare_layout_matches_codes():
     np.testing.assert_array_equal((codes - zeros) * scales, np.pad(dequantize_np(q), ((0, 768),
                                                                                       (0, 0))))
     assert not codes[256:].any() and not zeros[256:].any()
+
+
+def test_refuses_tilings_over_shared_memory():
+    rng = np.random.default_rng(8)
+    w = prepare(quantize_array(rng.normal(size=(512, 256)).astype(np.float32), int4(128)))
+    x = jnp.zeros((1, 512), jnp.bfloat16)
+    assert smem_bytes(HopperTiling(), 128) == 4 * (64 * 128 + 2 * 2 * 2 * 64 + 256 * 16 * 2) + (
+        64 * 16 * 4 + 8 * 128 * 2)  # 4 steps of (codes, scales + zeros, x^T), output, A tile
+    with pytest.raises(ValueError, match="needs 362496 bytes of shared memory"):
+        qmatmul_hopper(x, w, 128, HopperTiling(256, 4, 4))
+    qmatmul_hopper(x, w, 128, HopperTiling(256, 4, 1, min_programs=1), interpret=True)  # fits
 
 
 def test_padding_gives_split_k_divisors():
