@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from jaxcomp.quant import int4, int8, nf4, quantize_array
 from pallas_kernels.qmatmul.kernel_mgpu import (
     HopperTiling,
+    HopperWeights,
     _split_k,
     prepare,
     qmatmul_hopper,
@@ -209,3 +210,23 @@ def test_gpu_kernels_summary(tmp_path):
     assert re.search(r"mosaic\s+mosaic=64:2:4:528\s+total\s+7\.2 kernel\s+6\.0 dense/total 2\.00x",
                      out), out
     assert "4096 4096 mosaic mosaic=64:4:3:528 ERROR ValueError: x" in out
+
+
+def test_gpu_kernels_mosaic_sweep_lowers(bench_module):
+    # every tiling gpu_kernels.sh sweeps builds for cuda at LLaMA's padded K (no GPU time spent
+    # on a spec that cannot lower)
+    import os
+    import re
+
+    script = open(os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "bench",
+                               "gpu_kernels.sh")).read()
+    sweep = re.search(r"MOSAIC_SWEEP=\((.*?)\)", script, re.S).group(1).split()
+    assert len(sweep) >= 5
+    k, kp, n = 11008, 11264, 4096
+    w = HopperWeights(jax.ShapeDtypeStruct((n, kp), jnp.int4),
+                      jax.ShapeDtypeStruct((kp // 128, n), jnp.bfloat16),
+                      jax.ShapeDtypeStruct((kp // 128, n), jnp.bfloat16), k)
+    for spec in sweep:
+        tiling = bench_module("kernels").parse_hopper_tiling(spec)
+        f = jax.jit(lambda x, w, tiling=tiling: qmatmul_hopper(x, w, 128, tiling))
+        f.trace(jax.ShapeDtypeStruct((1, k), jnp.bfloat16), w).lower(lowering_platforms=("cuda",))
