@@ -13,7 +13,7 @@
 # keeps its rows); a summary is printed (per row: device time, kernel alone, dense bf16 / total).
 # To compare with revision REV: mkdir -p .devbench/old/scripts/bench && git archive REV
 # pallas_kernels jaxcomp | tar -x -C .devbench/old && cp scripts/bench/kernel_profile.py
-# scripts/bench/kernels.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).
+# scripts/bench/qmatmul.py .devbench/old/scripts/bench/ (.devbench is git-ignored: carry it).
 set -u
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -27,7 +27,7 @@ MOSAIC_SWEEP=(mosaic=128:2:4:528 mosaic=256:2:3:528 mosaic=64:1:6:528 mosaic=64:
     mosaic=64:2:4:264 mosaic=64:2:4:528:1 mosaic=128:2:4:528:1)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__, jax.devices())"
-timeout 90 python3 scripts/bench/kernels.py --check-only --out "$OUT/checks.jsonl" \
+timeout 90 python3 scripts/bench/qmatmul.py --check-only --out "$OUT/checks.jsonl" \
     > "$OUT/checks.log" 2>&1 || tail -5 "$OUT/checks.log"
 # The Mosaic GPU int4 experiment (kernel_mgpu.py), first: never timed yet. Default HopperTiling,
 # then wider, one-group, deeper and fewer-program steps, and one step's wgmma left in flight.

@@ -10,7 +10,7 @@ For each shape, runs every path (the kernel, the XLA dequantize path and bf16 de
 each, each on its own copy of the weights, so they come from HBM, not L2) under
 ``jax.profiler.trace`` and prints, per path, every GPU kernel's name, count and mean duration
 from the Perfetto trace: what the wrapper ops cost next to the kernel itself. ``--sweep`` then
-profiles the kernel path once per tiling spec (``kernels.py``'s ``regime=...`` syntax) in the
+profiles the kernel path once per tiling spec (``qmatmul.py``'s ``regime=...`` syntax) in the
 same process. Path ``mosaic`` is the Mosaic GPU int4 experiment (``kernel_mgpu.qmatmul_hopper``
 on weights re-laid once by its ``prepare``; int4 with groups of 128, M <= 16), with its default
 ``HopperTiling`` or, in ``--sweep``, ``mosaic=block_n:groups_per_step:max_concurrent_steps:
@@ -43,7 +43,7 @@ from jaxcomp.quant import quantize_array  # noqa: E402
 from pallas_kernels.qmatmul.reference import qmatmul_reference  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import (  # noqa: E402
+from qmatmul import (  # noqa: E402
     FORMATS,
     apply_tilings,
     apply_tilings_or_exit,
@@ -104,7 +104,7 @@ def main():
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--format", default="int4_g128", choices=list(FORMATS))
     ap.add_argument("--tiling", action="append", default=[],
-                    help="override a tiling (kernels.py syntax) for the whole run")
+                    help="override a tiling (qmatmul.py syntax) for the whole run")
     ap.add_argument("--sweep", nargs="*", default=[],
                     help="after the paths, profile the kernel path with each tiling spec "
                          "(mosaic=block_n:groups_per_step:depth:min_programs[:in_flight]: "

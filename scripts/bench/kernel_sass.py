@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from jaxcomp.quant import quantize_array  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import FORMATS, apply_tilings_or_exit  # noqa: E402
+from qmatmul import FORMATS, apply_tilings_or_exit  # noqa: E402
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.\S+)?([^;]*);")
 
@@ -109,7 +109,7 @@ def main():
     p.add_argument("--n", type=int, default=11008)
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--sweep", nargs="*", default=[],
-                   help="tiling specs as in kernels.py, each compiled in turn (default: the "
+                   help="tiling specs as in qmatmul.py, each compiled in turn (default: the "
                         "GPU tilings of ops.py)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--out", default=None)

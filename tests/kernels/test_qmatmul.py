@@ -278,7 +278,7 @@ def test_sass_loop_body(bench_module):
 def test_bench_tiling_specs(bench_module):
     from pallas_kernels.qmatmul.kernel import Tiling
 
-    parse_tiling = bench_module("kernels").parse_tiling
+    parse_tiling = bench_module("qmatmul").parse_tiling
 
     current = Tiling(16, 64, codes="ptx")
     assert parse_tiling("decode=128:8:3:528", current)[1] == Tiling(16, 128, 8, 3, 528, "ptx")

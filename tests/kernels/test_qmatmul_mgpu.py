@@ -139,7 +139,7 @@ def test_bench_mosaic_path(bench_module):
 
 
 def test_bench_mosaic_checks(bench_module):
-    rows = list(bench_module("kernels").hopper_checks(np.random.default_rng(5), interpret=True))
+    rows = list(bench_module("qmatmul").hopper_checks(np.random.default_rng(5), interpret=True))
     assert [(r["M"], r["split_k"], r["wgmma_in_flight"]) for r in rows] == [
         (m, split, in_flight) for m in (1, 3, 16) for split, in_flight in ((1, 0), (1, 1), (4, 0))]
     assert all(r["max_rel_err_vs_f64"] <= 1e-2 for r in rows), rows
@@ -172,7 +172,7 @@ def test_bench_mosaic_check_failure_is_a_row(bench_module, monkeypatch):
         raise RuntimeError("Mosaic GPU lowering failed\n" + "context\n" * 2000 + "the cause")
 
     monkeypatch.setattr(kernel_mgpu, "qmatmul_hopper", fail)
-    [row] = bench_module("kernels").hopper_checks(np.random.default_rng(7), interpret=True)
+    [row] = bench_module("qmatmul").hopper_checks(np.random.default_rng(7), interpret=True)
     assert row["error"] == "RuntimeError: Mosaic GPU lowering failed"
     assert row["error_detail"].endswith("the cause") and len(row["error_detail"]) == 4000
 
@@ -227,6 +227,6 @@ def test_gpu_kernels_mosaic_sweep_lowers(bench_module):
                       jax.ShapeDtypeStruct((kp // 128, n), jnp.bfloat16),
                       jax.ShapeDtypeStruct((kp // 128, n), jnp.bfloat16), k)
     for spec in sweep:
-        tiling = bench_module("kernels").parse_hopper_tiling(spec)
+        tiling = bench_module("qmatmul").parse_hopper_tiling(spec)
         f = jax.jit(lambda x, w, tiling=tiling: qmatmul_hopper(x, w, 128, tiling))
         f.trace(jax.ShapeDtypeStruct((1, k), jnp.bfloat16), w).lower(lowering_platforms=("cuda",))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Packed low-bit matmul: Pallas kernel vs bf16 dense vs the XLA dequantize path.
 
-Usage: python scripts/bench/kernels.py [--reps 32] [--formats int4_g128 int8 nf4_g64 int2_g64]
+Usage: python scripts/bench/qmatmul.py [--reps 32] [--formats int4_g128 int8 nf4_g64 int2_g64]
        [--ms 1 8 512] [--tiling decode=64:8:4:528:ptx] [--out results.jsonl]
 
 Shapes: decode M=1 and 8 and prefill M=512, for K x N = 4096x4096, 4096x11008, 11008x4096.
