@@ -20,7 +20,7 @@ FOLDERS = [os.path.join(ROOT, "scripts"), os.path.join(ROOT, "scripts", "bench")
 def test_no_script_is_named_like_an_installed_module(folder):
     installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
     names = {f[:-3] for f in os.listdir(folder) if f.endswith(".py")}
-    assert not names & installed, f"{folder}: scripts named like installed modules"
+    assert not names & installed, f"{folder}: named like installed modules: {names & installed}"
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=["scripts", "scripts/bench"])
