@@ -431,14 +431,17 @@ def _dequantized(plan, path, dtype) -> Iterator[tuple[str, np.ndarray]]:
 def load_gguf_tokenizer(path):
     """The Hugging Face tokenizer described by a GGUF file's ``tokenizer.ggml.*`` metadata.
 
-    Built by ``transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)``, which
-    needs no torch.
+    The metadata is read with ``gguf`` and handed to transformers' GGUF tokenizer builder,
+    the one ``AutoTokenizer.from_pretrained(directory, gguf_file=name)`` uses, so the ids
+    are the same. That route itself imports torch (transformers' GGUF reader does) and this
+    one does not: loading a GGUF model needs no torch.
 
     Args:
       path: a ``.gguf`` file.
 
     Returns:
-      A ``transformers`` tokenizer, or ``None`` when the file carries no tokenizer metadata.
+      A ``transformers.PreTrainedTokenizerFast``, or ``None`` when the file carries no
+      tokenizer metadata.
 
     Raises:
       JaxcompError: missing/corrupt file, or metadata ``transformers`` cannot turn into a
@@ -452,13 +455,34 @@ def load_gguf_tokenizer(path):
     reader = _open(path)
     if "tokenizer.ggml.model" not in reader.fields:
         return None
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-    full = os.path.abspath(os.fspath(path))
+    # What transformers' get_gguf_tokenizer builds from its own (torch-importing) reader.
+    groups = {group: {name: reader.fields[f"tokenizer.{key}"].contents()
+                      for key, name in renames.items() if f"tokenizer.{key}" in reader.fields}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokenizer["tokenizer_type"] == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece
+    tokens = tokenizer.get("tokens", [])
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = _value(reader, f"tokenizer.ggml.{key}", path, None)
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise JaxcompError(f"{path}: GGUF metadata tokenizer.ggml.{key} = {token_id} is not "
+                               f"an id of the {len(tokens)}-token vocabulary")
+        config[name] = None if token_id is None else tokens[token_id]
     try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(full),
-                                             gguf_file=os.path.basename(full))
+        backend, extra = convert_gguf_tokenizer(_value(reader, "general.architecture", path),
+                                                tokenizer)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=os.fspath(path),
+                                       **config, **extra)
     except Exception as e:
         reason = (str(e).splitlines() or [""])[0][:200]
         raise JaxcompError(f"{path}: cannot build a tokenizer from the GGUF metadata "
                            f"({type(e).__name__}: {reason})") from e
+
+
+# Special token -> the GGUF key of its id.
+_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                      "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}

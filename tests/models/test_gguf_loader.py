@@ -8,6 +8,8 @@ SmolLM2-135M GGUF is only used in tests marked ``slow``.
 import collections
 import importlib.util
 import os
+import subprocess
+import sys
 import time
 
 import gguf
@@ -85,10 +87,13 @@ def hf_state(model):
     return state
 
 
-def write_gguf(path, config, state, *, arch="llama", quantized=(), extra=None):
+def write_gguf(path, config, state, *, arch="llama", quantized=(), extra=None, tokenizer=None):
     """Writes ``state`` (HF names and layout) as llama.cpp would: names, Q/K permutation, and
-    (in ``quantized``) Q8_0 blocks; ``extra`` maps GGUF names to raw arrays added as-is."""
+    (in ``quantized``) Q8_0 blocks; ``extra`` maps GGUF names to raw arrays added as-is;
+    ``tokenizer`` is a :func:`write_tokenizer` vocabulary."""
     w = gguf.GGUFWriter(str(path), arch)
+    if tokenizer is not None:
+        write_tokenizer(w, **tokenizer)
     w.add_block_count(config.num_hidden_layers)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -124,6 +129,52 @@ def write_gguf(path, config, state, *, arch="llama", quantized=(), extra=None):
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def write_tokenizer(w, model, tokens, types, pre=None, merges=None, scores=None, unk=None,
+                    pad=None, add_bos=None):
+    """The ``tokenizer.ggml.*`` keys llama.cpp's converter writes (BOS/EOS ids come from the
+    model config)."""
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if unk is not None:
+        w.add_unk_token_id(unk)
+    if pad is not None:
+        w.add_pad_token_id(pad)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+
+
+def _byte_level_vocab():
+    """A GPT-2 style byte-level BPE vocabulary (SmolLM2's kind): specials, 256 byte symbols,
+    a few merges."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = ["\u0120 t", "h e", "\u0120t he", "i n", "\u0120 a", "e r", "o n", "\u0120 w"]
+    tokens = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list(bytes_to_unicode().values())
+              + [m.replace(" ", "") for m in merges])
+    return dict(model="gpt2", pre="smollm", tokens=tokens, merges=merges,
+                types=[3, 3, 3] + [1] * (len(tokens) - 3), unk=0, pad=2)
+
+
+def _sentencepiece_vocab():
+    """A LLaMA-2 style sentencepiece vocabulary: <unk> <s> </s>, 256 byte-fallback tokens,
+    scored pieces (the merges are recovered from the scores)."""
+    pieces = ["\u2581t", "he", "\u2581the", "in", "\u2581a", "er", "on", "\u2581", *"theainorsw"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    return dict(model="llama", tokens=tokens, unk=0,
+                scores=[0.0] * 259 + [-float(i) for i in range(len(pieces))],
+                types=[2, 3, 3] + [6] * 256 + [1] * len(pieces))
+
+
+TOKENIZERS = {"byte_level_bpe": _byte_level_vocab, "sentencepiece": _sentencepiece_vocab}
 
 
 VARIANTS = {
@@ -299,6 +350,46 @@ def test_output_dtype(tiny_file, dtype):
 
 def test_tiny_file_has_no_tokenizer(tiny_file):
     assert load_gguf_tokenizer(tiny_file[2]) is None
+
+
+TOKENIZER_TEXT = ("the weather in the north, a winter on the water: \u00e9t\u00e9 \u6771\u4eac 42 "
+                  "</s><|im_end|>  twin  spaces\n\nnew line")
+
+
+@pytest.mark.parametrize("kind", sorted(TOKENIZERS))
+def test_tokenizer_equals_transformers_gguf_tokenizer(tiny_file, tmp_path, kind):
+    """Same ids, special tokens and BOS handling as AutoTokenizer(gguf_file=...), the route that
+    needs torch; decoding gives the text back."""
+    config, state, _ = tiny_file
+    path = write_gguf(tmp_path / "tok.gguf", config, state, tokenizer=TOKENIZERS[kind]())
+    ours = load_gguf_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    assert ours(TOKENIZER_TEXT)["input_ids"] == ref(TOKENIZER_TEXT)["input_ids"]
+    assert ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    ids = ours(TOKENIZER_TEXT, add_special_tokens=False)["input_ids"]
+    assert len(ids) < len(TOKENIZER_TEXT.encode())  # the merges were applied
+    assert ours.decode(ids) == ref.decode(ids)
+    if kind == "byte_level_bpe":
+        assert ours.decode(ids) == TOKENIZER_TEXT
+    else:
+        assert ours(TOKENIZER_TEXT)["input_ids"][0] == 1  # llama.cpp adds <s> by default
+
+
+def test_tokenizer_special_token_id_outside_vocabulary(tiny_file, tmp_path):
+    config, state, _ = tiny_file
+    vocab = _byte_level_vocab()
+    path = write_gguf(tmp_path / "tok.gguf", config, state, tokenizer={**vocab, "unk": 10_000})
+    _raises(load_gguf_tokenizer, path, "tokenizer.ggml.unknown_token_id = 10000",
+            f"{len(vocab['tokens'])}-token vocabulary")
+
+
+def test_tokenizer_unknown_model_refused(tiny_file, tmp_path):
+    config, state, _ = tiny_file
+    path = write_gguf(tmp_path / "tok.gguf", config, state,
+                      tokenizer={**_byte_level_vocab(), "model": "no-such-model"})
+    _raises(load_gguf_tokenizer, path, "cannot build a tokenizer", "no-such-model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +592,36 @@ def test_smollm2_tokenizer_round_trip(smollm2):
     assert len(ids) > 5 and max(ids) < 49152
     assert tokenizer.decode(ids) == text
     assert tokenizer.eos_token_id == 2
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_equals_transformers_on_wikipedia(smollm2):
+    from jaxcomp.data.corpora import load_corpus
+
+    ours = load_gguf_tokenizer(smollm2)
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm2),
+                                                     gguf_file=os.path.basename(smollm2))
+    docs = load_corpus("enwiki-sample").eval
+    assert ours(list(docs))["input_ids"] == ref(list(docs))["input_ids"]
+    messages = [{"role": "user", "content": "What is a tensor train?"}]
+    assert (ours.apply_chat_template(messages, tokenize=False)
+            == ref.apply_chat_template(messages, tokenize=False))
+
+
+@pytest.mark.slow
+def test_smollm2_loads_without_torch(smollm2):
+    """The main job's install has no torch: model and tokenizer load with torch unimportable."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from jaxcomp.models.loading import load_model\n"
+            "m = load_model('smollm2-135m')\n"
+            "text = 'Tensor trains compress weight matrices.'\n"
+            "assert m.tokenizer.decode(m.tokenizer(text)['input_ids']) == text\n"
+            "assert sys.modules['torch'] is None\n"
+            "print(m.config.num_layers, m.tokenizer.eos_token)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["30", "<|im_end|>"], out.stdout
 
 
 @pytest.mark.slow
