@@ -427,6 +427,10 @@ def _dequantized(plan, path, dtype) -> Iterator[tuple[str, np.ndarray]]:
 # --------------------------------------------------------------------------------------------
 # Tokenizer.
 
+# Special token -> the GGUF key of its id.
+_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                      "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
 
 def load_gguf_tokenizer(path):
     """The Hugging Face tokenizer described by a GGUF file's ``tokenizer.ggml.*`` metadata.
@@ -482,7 +486,3 @@ def load_gguf_tokenizer(path):
         raise JaxcompError(f"{path}: cannot build a tokenizer from the GGUF metadata "
                            f"({type(e).__name__}: {reason})") from e
 
-
-# Special token -> the GGUF key of its id.
-_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
-                      "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
