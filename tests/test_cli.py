@@ -124,3 +124,51 @@ def test_script_exit_code(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: unknown recipe key 'eval.seq_ln'; did you mean 'eval.seq_len'?"]
     assert not out.exists()
+
+
+# Runs in a fresh interpreter: every import finder is wrapped so that torch is not found, as on
+# a machine with the main install only (putting None in sys.modules instead confuses scipy).
+_WITHOUT_TORCH = """
+import importlib.util, runpy, sys
+
+class Hidden:
+    def __init__(self, finder):
+        self.finder = finder
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            return None
+        return self.finder.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+
+sys.meta_path[:] = [Hidden(f) for f in sys.meta_path]
+assert importlib.util.find_spec("torch") is None
+script, out = sys.argv[1:]
+sys.argv = [script, "recipe=smollm2_w4g128_rtn", "eval.max_tokens=1024", f"out_dir={out}"]
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+from jaxcomp.models.loading import load_model
+m = load_model(out + "/checkpoint")
+text = "Tensor trains compress weight matrices."
+assert m.tokenizer.decode(m.tokenizer(text)["input_ids"]) == text
+assert "torch" not in sys.modules
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_main_job_runs_without_torch(tmp_path):
+    """The README's main-job install has no torch (only the test extra does): the real script
+    loads SmolLM2 from its GGUF, quantizes, evaluates and writes a checkpoint that reopens."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH,
+                           os.path.join(ROOT, "scripts", "compress.py"), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "ok"
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"] == "smollm2_w4g128_rtn"
