@@ -159,7 +159,7 @@ def _byte_level_vocab():
     tokens = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + list(bytes_to_unicode().values())
               + [m.replace(" ", "") for m in merges])
     return dict(model="gpt2", pre="smollm", tokens=tokens, merges=merges,
-                types=[3, 3, 3] + [1] * (len(tokens) - 3), unk=0, pad=2)
+                types=[3, 3, 3] + [1] * (len(tokens) - 3), unk=0, pad=2, add_bos=False)
 
 
 def _sentencepiece_vocab():
