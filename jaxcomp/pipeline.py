@@ -300,6 +300,16 @@ def _replace_dir(src: str, dst: str) -> None:
         os.rename(src, dst)
 
 
+def _refined_errors(report: dict) -> dict[str, list]:
+    """Per stage, the ``[before, after]`` output errors of the matrices it refined."""
+    out = {}
+    for stage, entry in report.get("stages", {}).items():
+        errs = [f["output_error"] for f in entry.get("fits", {}).values() if "output_error" in f]
+        if errs:
+            out[stage] = errs
+    return out
+
+
 def format_report(report: dict) -> str:
     """The report as a readable two-column table."""
     rows = [
@@ -315,6 +325,10 @@ def format_report(report: dict) -> str:
            ("heal", f"{report['heal']['steps']} steps, {report['heal']['tokens_trained']:,} "
                     f"tokens, {report['heal']['tokens_per_s']:,.0f} tokens/s")]
           if report.get("heal") else []),
+        *[(f"{stage}: output error", f"{sum(e[0] for e in errs) / len(errs):.3f} -> "
+                                     f"{sum(e[1] for e in errs) / len(errs):.3f} (mean over "
+                                     f"{len(errs)} refined matrices)")
+          for stage, errs in _refined_errors(report).items()],
         ("eval", f"{report['eval_corpus']}: {report['eval_tokens']:,} predicted tokens in "
                  f"{report['eval_windows']} windows of {report['eval_seq_len']}"),
         ("eval throughput", f"{report['eval_tokens_per_s']:,.0f} tokens/s"),

@@ -244,7 +244,9 @@ def profile_and_allocate(method, mats: dict, args: dict, budget: int, metric: st
             if metric == "output_error" and stat is None:
                 raise JaxcompError(f"{p}: no calibration statistics for this matrix")
             errors, candidates, probe_error = {}, [], None
-            opts = {k: v for k, v in args[p].items() if k != method.knob}
+            # the profile tries the unrefined fit (refinement only runs on the final sizes)
+            opts = {k: v for k, v in args[p].items()
+                    if k != method.knob and k not in method.refine_options}
             for ratio in ratios:
                 try:
                     knob = method.knob_for_params(w.shape, int(ratio * w.size), p, **opts)

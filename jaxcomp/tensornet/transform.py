@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.core.leaf import CompressedLeaf
@@ -41,6 +42,9 @@ class Method:
       params: ``params(shape, knob_value, **opts) -> int`` scalars stored.
       knob_range: ``knob_range(shape, **opts) -> (smallest, largest)``.
       needs_stats: fitting uses calibration statistics.
+      refine_options: options that refine the final fit from calibration statistics: set,
+        they need statistics, and the sensitivity profile leaves them out (it ranks the
+        matrices by the unrefined fit, many times cheaper to try at every candidate size).
     """
 
     name: str
@@ -49,6 +53,7 @@ class Method:
     params: Callable
     knob_range: Callable
     needs_stats: bool = False
+    refine_options: tuple[str, ...] = ()
 
     def knob_for_params(self, shape, target: int, name: str = "", **opts) -> int:
         """The largest knob value whose leaf stores at most ``target`` scalars."""
@@ -72,17 +77,29 @@ def _tt_factors(shape, num_cores=3, in_factors=None, out_factors=None, name=""):
     return fin, fout
 
 
-def _tt_fit(w, chi, stats, name, rel_error=None, **opts):
+def _tt_fit(w, chi, stats, name, rel_error=None, refine_steps=0, refine_damp=0.0, **opts):
     fin, fout = _tt_factors(w.shape, name=name, **opts)
-    return tt.tt_matrix(w, fin, fout, max_bond_dim=chi, rel_error=rel_error, name=name), {}
+    leaf = tt.tt_matrix(w, fin, fout, max_bond_dim=chi, rel_error=rel_error, name=name)
+    if not refine_steps:
+        if refine_damp:
+            raise JaxcompError(f"{name}: refine_damp needs refine_steps")
+        return leaf, {}
+    if stats is None:
+        raise JaxcompError(f"{name}: tt with refine_steps needs calibration statistics for "
+                           "this layer")
+    cores, before, after = tt.refine_to_outputs(leaf.cores, w, stats.gram, refine_steps,
+                                                 refine_damp, name)
+    leaf = leaf.replace(cores=tuple(jnp.asarray(c, leaf.dtype) for c in cores))
+    # relative output error of the TT-SVD fit, then after refinement
+    return leaf, {"output_error": [round(before, 6), round(after, 6)]}
 
 
-def _tt_params(shape, chi, rel_error=None, **opts):
+def _tt_params(shape, chi, rel_error=None, refine_steps=0, refine_damp=0.0, **opts):
     fin, fout = _tt_factors(shape, **opts)
     return tt.tt_num_params(fin, fout, tt.tt_ranks(fin, fout, chi))
 
 
-def _tt_range(shape, rel_error=None, **opts):
+def _tt_range(shape, rel_error=None, refine_steps=0, refine_damp=0.0, **opts):
     return 1, max(tt.max_ranks(*_tt_factors(shape, **opts)), default=1)
 
 
@@ -131,7 +148,8 @@ def _kron_range(shape, a_shape=None, b_shape=None, permute_iters=0):
 
 
 METHODS = {
-    "tt": Method("tt", "max_bond_dim", _tt_fit, _tt_params, _tt_range),
+    "tt": Method("tt", "max_bond_dim", _tt_fit, _tt_params, _tt_range,
+                 refine_options=("refine_steps", "refine_damp")),
     "svd": Method("svd", "rank", _svd_fit, _svd_params, _svd_range),
     "asvd": Method("asvd", "rank", _asvd_fit, _svd_params, _svd_range, needs_stats=True),
     "kron": Method("kron", "rank", _kron_fit, _kron_params, _kron_range),
@@ -213,13 +231,17 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
     if not 0 < probe_ratio <= 1:
         raise JaxcompError(f"probe_ratio must be in (0, 1], got {probe_ratio}")
     rule_list = make_rules(rules, targets=targets, ignore=ignore)
-    needs_stats = method.needs_stats or (target_reduction is not None
-                                         and allocation == "output_error")
+    refined = any(args.get(o) for args in (method_args, *(r.args for r in rule_list))
+                  for o in method.refine_options)
+    needs_stats = method.needs_stats or refined or (target_reduction is not None
+                                                    and allocation == "output_error")
 
     def transform(params, stats=None):
         if needs_stats and stats is None:
-            raise JaxcompError(f"{method.name} with allocation={allocation} needs calibration "
-                               "statistics (the CLI collects them from calib.*)")
+            why = ("" if method.needs_stats else " with refinement" if refined
+                   else f" with allocation={allocation}")
+            raise JaxcompError(f"{method.name}{why} needs calibration statistics (the CLI "
+                               "collects them from calib.*)")
         run_rules = rule_list
         if target_reduction is not None:
             from jaxcomp.tensornet import sensitivity
@@ -266,7 +288,9 @@ def _public(method_name: str, doc: str):
 tt_transform = _public("tt", """Tensor-train / MPO factorization of the selected kernels.
 
     Args (besides :func:`factorize`'s): ``max_bond_dim``, ``rel_error``, ``num_cores`` (3),
-    ``in_factors``/``out_factors`` (default: balanced).
+    ``in_factors``/``out_factors`` (default: balanced), ``refine_steps`` (0: plain TT-SVD;
+    ``N``: then ``N`` L-BFGS steps on each layer's calibration output error,
+    :func:`jaxcomp.tensornet.tt.refine_to_outputs`; call as ``transform(params, stats)``).
 
     Example:
       >>> small = tt_transform(param_ratio=0.3)(params)  # doctest: +SKIP

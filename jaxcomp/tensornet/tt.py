@@ -7,17 +7,21 @@ A ``(m, n)`` matrix with ``m = m_1 ... m_d`` and ``n = n_1 ... n_d`` is stored a
 
 with row index ``i = (i_1, ..., i_d)`` and column index ``j`` in row-major (C) order. The bond
 dimensions ``r_k`` are the compression knob (CompactifAI's ``chi``). ``tt_svd`` is the TT-SVD of
-Oseledets (2011): sequential truncated SVDs of the unfoldings.
+Oseledets (2011): sequential truncated SVDs of the unfoldings. It minimizes the *weight* error;
+``refine_to_outputs`` then moves the cores toward the layer's *outputs* on calibration inputs
+(what the model sees), which TT-SVD ignores.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxcomp.core.leaf import CompressedLeaf, factor_array, factor_num_params
 from jaxcomp.errors import JaxcompError
@@ -159,6 +163,82 @@ def tt_to_matrix(cores) -> jax.Array:
         _, m, n, r = core.shape
         full = jnp.einsum("aMNr,rmns->aMmNns", full, core).reshape(1, big_m * m, big_n * n, r)
     return full[0, :, :, 0]
+
+
+def _output_loss(cores, w, gram):
+    d = w - tt_to_matrix(cores)
+    return jnp.sum(d * (gram @ d))
+
+
+@functools.partial(jax.jit, static_argnames="steps")
+def _lbfgs_output_fit(cores, w, gram, fit_gram, steps):
+    """``steps`` L-BFGS iterations on ``tr(D^T G' D)``, ``D = W - TT(cores)``, ``G'`` =
+    ``fit_gram``; returns the cores, the fitted loss before and after, and the same with
+    ``gram`` (both pre-scaled so that ``tr(W^T G W) = 1``)."""
+    loss = functools.partial(_output_loss, w=w, gram=fit_gram)
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(_, carry):
+        cs, state = carry
+        value, grad = value_and_grad(cs, state=state)
+        updates, state = opt.update(grad, state, cs, value=value, grad=grad, value_fn=loss)
+        return optax.apply_updates(cs, updates), state
+
+    out, _ = jax.lax.fori_loop(0, steps, step, (cores, opt.init(cores)))
+    return (out, loss(cores), loss(out), _output_loss(cores, w, gram),
+            _output_loss(out, w, gram))
+
+
+def refine_to_outputs(cores, w, gram, steps: int, damp: float = 0.0, name: str = ""
+                      ) -> tuple[list[np.ndarray], float, float]:
+    """Moves TT cores toward the layer's outputs: minimizes ``||X (W - TT)||_F / ||X W||_F``.
+
+    TT-SVD minimizes the weight error, but a layer's inputs are strongly anisotropic (a few
+    channels carry most of the energy), so a TT close to ``W`` can be far from ``X W``; on
+    SmolLM2 it can even be worse than zeroing the matrix. Starting from the given cores (e.g.
+    TT-SVD's), ``steps`` L-BFGS iterations on the output error with the input Gram matrix
+    ``G = X^T X`` (float32; each costs a few ``G @ D`` products, ``m^2 n`` multiply-adds) keep
+    the bond dimensions and the parameter count.
+
+    Args:
+      cores: ``(r_{k-1}, m_k, n_k, r_k)`` cores of ``w``'s approximation.
+      w: the ``(m, n)`` matrix.
+      gram: ``(m, m)`` input Gram matrix (any positive multiple of ``X^T X``).
+      steps: L-BFGS iterations (``>= 1``).
+      damp: adds ``damp * mean(diag G)`` to the diagonal of ``G`` for the fit (as GPTQ damps
+        its Hessian): a weight-error term that keeps the directions the calibration inputs
+        barely reach close to ``W``. The returned errors are measured without it.
+      name: parameter path for error messages.
+
+    Returns:
+      ``(cores, error_before, error_after)``: float32 cores and the relative output errors.
+      The given cores come back unchanged when the inputs or ``w`` are all zero, or when the
+      iterations did not lower the error.
+    """
+    where = f"{name}: " if name else ""
+    w = np.asarray(w, np.float64)
+    gram = np.asarray(gram, np.float64)
+    if steps < 1:
+        raise JaxcompError(f"{where}refine_steps must be >= 1, got {steps}")
+    if not damp >= 0:
+        raise JaxcompError(f"{where}refine_damp must be >= 0, got {damp}")
+    if gram.shape != (w.shape[0], w.shape[0]):
+        raise JaxcompError(f"{where}the Gram matrix is {gram.shape}, the matrix has "
+                           f"{w.shape[0]} input channels")
+    cores32 = [jnp.asarray(c, jnp.float32) for c in cores]
+    energy = float(np.sum(w * (gram @ w)))  # ||X W||^2
+    if not energy > 0:
+        return [np.asarray(c) for c in cores32], 0.0, 0.0
+    gram = gram / energy
+    fit_gram = gram + damp * np.mean(np.diag(gram)) * np.eye(len(gram))
+    out, fit_before, fit_after, before, after = _lbfgs_output_fit(
+        cores32, jnp.asarray(w, jnp.float32), jnp.asarray(gram, jnp.float32),
+        jnp.asarray(fit_gram, jnp.float32), steps)
+    before, after = float(before), float(after)
+    if not float(fit_after) < float(fit_before):  # not finite, or no progress: keep the start
+        out, after = cores32, before
+    return [np.asarray(c) for c in out], math.sqrt(max(before, 0.0)), math.sqrt(max(after, 0.0))
 
 
 def contraction_flops(in_factors, out_factors, ranks, batch: int) -> dict[str, int]:

@@ -73,6 +73,42 @@ def test_asvd_without_statistics_is_refused(tiny):
         get_transform("asvd")(rank=4)(tiny.params)
 
 
+def test_tt_refinement_lowers_every_output_error_at_the_same_size(tiny, stats):
+    fits = []
+    refined = get_transform("tt")(param_ratio=0.5, refine_steps=20,
+                                  report_sink=lambda kind, v: fits.append((kind, v)))
+    assert refined.needs_calibration
+    with pytest.raises(JaxcompError, match="tt with refinement needs calibration statistics"):
+        refined(tiny.params)
+    out = refined(tiny.params, stats)
+    plain = get_transform("tt")(param_ratio=0.5)(tiny.params)
+    assert non_embedding_params(out) == non_embedding_params(plain)
+    ((kind, log),) = fits
+    assert kind == "fits" and len(log) == 14  # 7 kernels in each of the 2 layers
+    flat = lambda t: {"/".join(k.key for k in kp): v for kp, v in  # noqa: E731
+                      jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(
+                          x, CompressedLeaf))[0]}
+    orig, new, old = flat(tiny.params), flat(out), flat(plain)
+    for path, info in log.items():
+        before, after = info["output_error"]
+        err = stats[path].output_error(orig[path], new[path].materialize())
+        assert err == pytest.approx(after, rel=1e-3, abs=1e-6)
+        assert stats[path].output_error(orig[path], old[path].materialize()) == \
+            pytest.approx(before, rel=1e-3, abs=1e-6)
+        assert after < before
+
+
+def test_the_profile_ranks_the_unrefined_fit(tiny, stats):
+    """Refinement only runs on the allocated sizes: the profile and allocation are unchanged."""
+    profiles = []
+    sink = lambda kind, v: profiles.append(v) if kind == "profile" else None  # noqa: E731
+    for extra in ({}, {"refine_steps": 5}):
+        get_transform("tt")(target_reduction=0.3, allocation="output_error", report_sink=sink,
+                            **extra)(tiny.params, stats)
+    plain, refined = profiles
+    assert refined.to_json() == plain.to_json()
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "weight_error", "output_error"])
 def test_target_reduction_is_met(tiny, stats, allocation):
     base = non_embedding_params(tiny.params)
@@ -173,13 +209,14 @@ def test_quantized_cores_are_counted_and_run(tiny, tmp_path):
     assert tree_size(back) == tree_size(out)
 
 
-def test_cli_tt_recipe_writes_profile(tiny_llama_dir, tiny_text_file, tmp_path):
+def test_cli_tt_recipe_writes_profile(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "tt"
     code = main(["recipe=smollm2_tt", f"model={tiny_llama_dir}",
                  f"eval.corpus=text:{tiny_text_file}", f"calib.corpus=text:{tiny_text_file}",
                  "eval.seq_len=32", "calib.seq_len=32", "calib.num_samples=4",
-                 "save_checkpoint=false", f"out_dir={out}"])
+                 "stages.0.args.refine_steps=5", "save_checkpoint=false", f"out_dir={out}"])
     assert code == 0
+    assert "stage0: output error" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     summary = report["stages"]["stage0"]["sensitivity"]
     assert summary["removed_params"] >= summary["budget_params"]
@@ -190,6 +227,8 @@ def test_cli_tt_recipe_writes_profile(tiny_llama_dir, tiny_text_file, tmp_path):
     for f in summary["files"]:
         assert os.path.getsize(out / f) > 0
     assert json.loads((out / summary["files"][0]).read_text())["matrices"]
+    fits = report["stages"]["stage0"]["fits"]  # every allocated TT was refined
+    assert fits and all(0 <= e[1] < e[0] for e in (f["output_error"] for f in fits.values()))
 
 
 def test_cli_model_required_for_llama7b_recipe(capsys, tmp_path):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxcomp.calib import relative_output_error
 from jaxcomp.errors import JaxcompError
 from jaxcomp.tensornet import tt
 from jaxcomp.tensornet.tt import TTMatrix, tt_matrix, tt_svd, tt_to_matrix
@@ -154,3 +155,72 @@ def test_leaf_is_a_pytree_with_static_shapes():
     leaf = tt_matrix(np.ones((12, 20), np.float32), (3, 4), (4, 5), max_bond_dim=2)
     assert isinstance(leaf, TTMatrix)
     assert len(jax.tree_util.tree_leaves(leaf)) == 2 and leaf.shape == (12, 20)
+
+
+def _anisotropic_gram(rng, m, rows=400):
+    """Inputs whose channels span three orders of magnitude, as LLM activations do."""
+    x = rng.standard_normal((rows, m)) * np.geomspace(30.0, 0.03, m)[rng.permutation(m)]
+    return x.T @ x
+
+
+def test_refinement_reaches_the_closed_form_optimum_of_a_two_core_low_rank_train():
+    """Cores (m, 1) x (1, n) are a rank-r product U V, whose output-optimal value is known:
+    ``G^{-1/2} [G^{1/2} W]_r`` (reduced-rank regression, as in SVD-LLM)."""
+    rng = np.random.default_rng(7)
+    m, n, r = 20, 16, 4
+    w = rng.standard_normal((m, n))
+    gram = _anisotropic_gram(rng, m)
+    lam, vec = np.linalg.eigh(gram)
+    root, inv_root = (vec * np.sqrt(lam)) @ vec.T, (vec / np.sqrt(lam)) @ vec.T
+    u, s, vt = np.linalg.svd(root @ w)
+    optimum = inv_root @ (u[:, :r] * s[:r]) @ vt[:r]
+    best = relative_output_error(gram, w, optimum)
+
+    cores = tt_svd(w, (m, 1), (1, n), max_bond_dim=r)
+    refined, before, after = tt.refine_to_outputs(cores, w, gram, steps=1000)
+    assert [c.shape for c in refined] == [c.shape for c in cores]
+    got = relative_output_error(gram, w, np.asarray(tt_to_matrix(refined), np.float64))
+    assert before == pytest.approx(relative_output_error(gram, w, _dense(cores)), rel=1e-4)
+    assert after == pytest.approx(got, rel=1e-3)
+    assert best < 0.8 * before  # the case is one where the weight-optimal fit is far off
+    assert got == pytest.approx(best, rel=1e-4)  # converged: 3,000 steps reach 2e-7
+
+
+def test_refinement_lowers_the_output_error_of_a_three_core_train():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((24, 30))
+    gram = _anisotropic_gram(rng, 24)
+    cores = tt_svd(w, (2, 3, 4), (3, 2, 5), max_bond_dim=3)
+    refined, before, after = tt.refine_to_outputs(cores, w, gram, steps=50)
+    got = relative_output_error(gram, w, np.asarray(tt_to_matrix(refined), np.float64))
+    assert got == pytest.approx(after, rel=1e-3) and after < 0.85 * before
+
+
+def test_refinement_keeps_the_start_when_there_is_nothing_to_fit():
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((6, 6))
+    cores = tt_svd(w, (2, 3), (3, 2), max_bond_dim=2)
+    same, before, after = tt.refine_to_outputs(cores, w, np.zeros((6, 6)), steps=5)
+    assert before == after == 0.0
+    for a, b in zip(same, cores, strict=True):
+        np.testing.assert_array_equal(a, b.astype(np.float32))
+    with pytest.raises(JaxcompError, match="refine_steps must be >= 1"):
+        tt.refine_to_outputs(cores, w, np.eye(6), steps=0)
+    with pytest.raises(JaxcompError, match=r"q: the Gram matrix is \(5, 5\), the matrix has 6"):
+        tt.refine_to_outputs(cores, w, np.eye(5), steps=5, name="q")
+
+
+def test_damping_pulls_the_fit_back_toward_the_weights():
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((24, 30))
+    gram = _anisotropic_gram(rng, 24)
+    cores = tt_svd(w, (2, 3, 4), (3, 2, 5), max_bond_dim=3)
+    weight_error = lambda cs: np.linalg.norm(w - np.asarray(tt_to_matrix(cs))) / \
+        np.linalg.norm(w)  # noqa: E731
+    results = {d: tt.refine_to_outputs(cores, w, gram, 50, damp=d) for d in (0.0, 0.1, 1e4)}
+    errors = {d: r[2] for d, r in results.items()}  # output errors, measured without damping
+    assert errors[0.0] < errors[0.1] < errors[1e4] <= results[0.0][1]
+    assert weight_error(results[1e4][0]) < weight_error(results[0.1][0]) < \
+        weight_error(results[0.0][0])
+    with pytest.raises(JaxcompError, match="refine_damp must be >= 0"):
+        tt.refine_to_outputs(cores, w, gram, 5, damp=-1.0)
