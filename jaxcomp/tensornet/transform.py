@@ -77,29 +77,26 @@ def _tt_factors(shape, num_cores=3, in_factors=None, out_factors=None, name=""):
     return fin, fout
 
 
-def _tt_fit(w, chi, stats, name, rel_error=None, refine_steps=0, refine_damp=0.0, **opts):
+def _tt_fit(w, chi, stats, name, rel_error=None, refine_steps=0, **opts):
     fin, fout = _tt_factors(w.shape, name=name, **opts)
     leaf = tt.tt_matrix(w, fin, fout, max_bond_dim=chi, rel_error=rel_error, name=name)
     if not refine_steps:
-        if refine_damp:
-            raise JaxcompError(f"{name}: refine_damp needs refine_steps")
         return leaf, {}
     if stats is None:
         raise JaxcompError(f"{name}: tt with refine_steps needs calibration statistics for "
                            "this layer")
-    cores, before, after = tt.refine_to_outputs(leaf.cores, w, stats.gram, refine_steps,
-                                                 refine_damp, name)
+    cores, before, after = tt.refine_to_outputs(leaf.cores, w, stats.gram, refine_steps, name)
     leaf = leaf.replace(cores=tuple(jnp.asarray(c, leaf.dtype) for c in cores))
     # relative output error of the TT-SVD fit, then after refinement
     return leaf, {"output_error": [round(before, 6), round(after, 6)]}
 
 
-def _tt_params(shape, chi, rel_error=None, refine_steps=0, refine_damp=0.0, **opts):
+def _tt_params(shape, chi, rel_error=None, refine_steps=0, **opts):
     fin, fout = _tt_factors(shape, **opts)
     return tt.tt_num_params(fin, fout, tt.tt_ranks(fin, fout, chi))
 
 
-def _tt_range(shape, rel_error=None, refine_steps=0, refine_damp=0.0, **opts):
+def _tt_range(shape, rel_error=None, refine_steps=0, **opts):
     return 1, max(tt.max_ranks(*_tt_factors(shape, **opts)), default=1)
 
 
@@ -149,7 +146,7 @@ def _kron_range(shape, a_shape=None, b_shape=None, permute_iters=0):
 
 METHODS = {
     "tt": Method("tt", "max_bond_dim", _tt_fit, _tt_params, _tt_range,
-                 refine_options=("refine_steps", "refine_damp")),
+                 refine_options=("refine_steps",)),
     "svd": Method("svd", "rank", _svd_fit, _svd_params, _svd_range),
     "asvd": Method("asvd", "rank", _asvd_fit, _svd_params, _svd_range, needs_stats=True),
     "kron": Method("kron", "rank", _kron_fit, _kron_params, _kron_range),

@@ -165,17 +165,14 @@ def tt_to_matrix(cores) -> jax.Array:
     return full[0, :, :, 0]
 
 
-def _output_loss(cores, w, gram):
-    d = w - tt_to_matrix(cores)
-    return jnp.sum(d * (gram @ d))
-
-
 @functools.partial(jax.jit, static_argnames="steps")
-def _lbfgs_output_fit(cores, w, gram, fit_gram, steps):
-    """``steps`` L-BFGS iterations on ``tr(D^T G' D)``, ``D = W - TT(cores)``, ``G'`` =
-    ``fit_gram``; returns the cores, the fitted loss before and after, and the same with
-    ``gram`` (both pre-scaled so that ``tr(W^T G W) = 1``)."""
-    loss = functools.partial(_output_loss, w=w, gram=fit_gram)
+def _lbfgs_output_fit(cores, w, gram, steps):
+    """``steps`` L-BFGS iterations on ``tr(D^T G D)``, ``D = W - TT(cores)``; returns the cores
+    and the loss before and after (``gram`` is pre-scaled so that ``tr(W^T G W) = 1``)."""
+    def loss(cs):
+        d = w - tt_to_matrix(cs)
+        return jnp.sum(d * (gram @ d))
+
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
 
@@ -186,11 +183,10 @@ def _lbfgs_output_fit(cores, w, gram, fit_gram, steps):
         return optax.apply_updates(cs, updates), state
 
     out, _ = jax.lax.fori_loop(0, steps, step, (cores, opt.init(cores)))
-    return (out, loss(cores), loss(out), _output_loss(cores, w, gram),
-            _output_loss(out, w, gram))
+    return out, loss(cores), loss(out)
 
 
-def refine_to_outputs(cores, w, gram, steps: int, damp: float = 0.0, name: str = ""
+def refine_to_outputs(cores, w, gram, steps: int, name: str = ""
                       ) -> tuple[list[np.ndarray], float, float]:
     """Moves TT cores toward the layer's outputs: minimizes ``||X (W - TT)||_F / ||X W||_F``.
 
@@ -206,9 +202,6 @@ def refine_to_outputs(cores, w, gram, steps: int, damp: float = 0.0, name: str =
       w: the ``(m, n)`` matrix.
       gram: ``(m, m)`` input Gram matrix (any positive multiple of ``X^T X``).
       steps: L-BFGS iterations (``>= 1``).
-      damp: adds ``damp * mean(diag G)`` to the diagonal of ``G`` for the fit (as GPTQ damps
-        its Hessian): a weight-error term that keeps the directions the calibration inputs
-        barely reach close to ``W``. The returned errors are measured without it.
       name: parameter path for error messages.
 
     Returns:
@@ -221,8 +214,6 @@ def refine_to_outputs(cores, w, gram, steps: int, damp: float = 0.0, name: str =
     gram = np.asarray(gram, np.float64)
     if steps < 1:
         raise JaxcompError(f"{where}refine_steps must be >= 1, got {steps}")
-    if not damp >= 0:
-        raise JaxcompError(f"{where}refine_damp must be >= 0, got {damp}")
     if gram.shape != (w.shape[0], w.shape[0]):
         raise JaxcompError(f"{where}the Gram matrix is {gram.shape}, the matrix has "
                            f"{w.shape[0]} input channels")
@@ -230,13 +221,10 @@ def refine_to_outputs(cores, w, gram, steps: int, damp: float = 0.0, name: str =
     energy = float(np.sum(w * (gram @ w)))  # ||X W||^2
     if not energy > 0:
         return [np.asarray(c) for c in cores32], 0.0, 0.0
-    gram = gram / energy
-    fit_gram = gram + damp * np.mean(np.diag(gram)) * np.eye(len(gram))
-    out, fit_before, fit_after, before, after = _lbfgs_output_fit(
-        cores32, jnp.asarray(w, jnp.float32), jnp.asarray(gram, jnp.float32),
-        jnp.asarray(fit_gram, jnp.float32), steps)
+    out, before, after = _lbfgs_output_fit(cores32, jnp.asarray(w, jnp.float32),
+                                           jnp.asarray(gram / energy, jnp.float32), steps)
     before, after = float(before), float(after)
-    if not float(fit_after) < float(fit_before):  # not finite, or no progress: keep the start
+    if not after < before:  # not finite, or no progress: keep the starting point
         out, after = cores32, before
     return [np.asarray(c) for c in out], math.sqrt(max(before, 0.0)), math.sqrt(max(after, 0.0))
 
