@@ -64,13 +64,26 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     try:
         seconds: dict[str, float] = {}
         start = time.perf_counter()
+        # Every stage's transform is made first: a bad argument fails before any loading.
+        stage_reports: dict[str, dict] = {}
+        transforms = []
+        for i, stage in enumerate(recipe.stages):
+            factory = get_transform(stage.transform)
+            extra = {}
+            if "report_sink" in inspect.signature(factory).parameters:
+                extra["report_sink"] = functools.partial(_stage_report, tmp, i, stage_reports)
+            try:
+                transforms.append(factory(**stage.args, rules=stage.rules, **extra))
+            except TypeError as e:  # an argument the transform does not take
+                raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
+        if recipe.stream:
+            _check_streamable(recipe, transforms)
         loaded = _timed(seconds, "load", load_model, recipe.model, stream=recipe.stream)
         dtype = jnp.bfloat16 if recipe.dtype == "bfloat16" else jnp.float32
         model = build_model(loaded.config, dtype=dtype)
         windows = _eval_windows(recipe, loaded.tokenizer)
         params = loaded.params
         if recipe.stream:
-            _check_streamable(recipe)
             # sizes from shapes: touching every leaf would read the whole checkpoint
             import jax
 
@@ -83,16 +96,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         notes: list[str] = []
         before = _timed(seconds, "eval_before", perplexity, model, params, windows,
                         recipe.eval.batch_size, progress, "eval (before)")
-        stage_reports: dict[str, dict] = {}
-        for i, stage in enumerate(recipe.stages):
-            factory = get_transform(stage.transform)
-            extra = {}
-            if "report_sink" in inspect.signature(factory).parameters:
-                extra["report_sink"] = functools.partial(_stage_report, tmp, i, stage_reports)
-            try:
-                transform = factory(**stage.args, rules=stage.rules, **extra)
-            except TypeError as e:  # an argument the transform does not take
-                raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
+        for i, (stage, transform) in enumerate(zip(recipe.stages, transforms, strict=True)):
             args = ()
             needs = getattr(transform, "needs_calibration", False)
             if needs == "blocks":  # block-sequential: it runs the blocks itself
@@ -184,16 +188,9 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         raise
 
 
-def _check_streamable(recipe: Recipe) -> None:
-    from jaxcomp.core import get_transform
-
-    for i, stage in enumerate(recipe.stages):
-        factory = get_transform(stage.transform)
-        try:
-            needs = getattr(factory(**stage.args, rules=stage.rules), "needs_calibration", False)
-        except TypeError as e:
-            raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
-        if needs != "blocks":
+def _check_streamable(recipe: Recipe, transforms: list) -> None:
+    for i, (stage, transform) in enumerate(zip(recipe.stages, transforms, strict=True)):
+        if getattr(transform, "needs_calibration", False) != "blocks":
             raise JaxcompError(f"stream=true: stages.{i} ({stage.transform}) is not "
                                "block-sequential; only gptq, awq, smoothquant and learn_clip "
                                "stream")

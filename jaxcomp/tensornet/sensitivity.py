@@ -246,7 +246,7 @@ def profile_and_allocate(method, mats: dict, args: dict, budget: int, metric: st
             errors, candidates, probe_error = {}, [], None
             # the profile tries the unrefined fit (refinement only runs on the final sizes)
             opts = {k: v for k, v in args[p].items()
-                    if k != method.knob and k not in method.refine_options}
+                    if k not in (method.knob, method.refine_option)}
             for ratio in ratios:
                 try:
                     knob = method.knob_for_params(w.shape, int(ratio * w.size), p, **opts)

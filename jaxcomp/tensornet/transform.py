@@ -42,9 +42,10 @@ class Method:
       params: ``params(shape, knob_value, **opts) -> int`` scalars stored.
       knob_range: ``knob_range(shape, **opts) -> (smallest, largest)``.
       needs_stats: fitting uses calibration statistics.
-      refine_options: options that refine the final fit from calibration statistics: set,
-        they need statistics, and the sensitivity profile leaves them out (it ranks the
-        matrices by the unrefined fit, many times cheaper to try at every candidate size).
+      refine_option: the option giving a number of steps that refine the final fit from
+        calibration statistics: set, it needs statistics, and the sensitivity profile leaves it
+        out (it ranks the matrices by the unrefined fit, many times cheaper to try at every
+        candidate size).
     """
 
     name: str
@@ -53,7 +54,7 @@ class Method:
     params: Callable
     knob_range: Callable
     needs_stats: bool = False
-    refine_options: tuple[str, ...] = ()
+    refine_option: str | None = None
 
     def knob_for_params(self, shape, target: int, name: str = "", **opts) -> int:
         """The largest knob value whose leaf stores at most ``target`` scalars."""
@@ -146,7 +147,7 @@ def _kron_range(shape, a_shape=None, b_shape=None, permute_iters=0):
 
 METHODS = {
     "tt": Method("tt", "max_bond_dim", _tt_fit, _tt_params, _tt_range,
-                 refine_options=("refine_steps",)),
+                 refine_option="refine_steps"),
     "svd": Method("svd", "rank", _svd_fit, _svd_params, _svd_range),
     "asvd": Method("asvd", "rank", _asvd_fit, _svd_params, _svd_range, needs_stats=True),
     "kron": Method("kron", "rank", _kron_fit, _kron_params, _kron_range),
@@ -228,8 +229,13 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
     if not 0 < probe_ratio <= 1:
         raise JaxcompError(f"probe_ratio must be in (0, 1], got {probe_ratio}")
     rule_list = make_rules(rules, targets=targets, ignore=ignore)
-    refined = any(args.get(o) for args in (method_args, *(r.args for r in rule_list))
-                  for o in method.refine_options)
+    refine_steps = [a[method.refine_option] for a in (method_args, *(r.args for r in rule_list))
+                    if a.get(method.refine_option) is not None]
+    for steps in refine_steps:  # checked before a long profile, not at the first fit after it
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise JaxcompError(f"{method.refine_option} must be a whole number >= 0, "
+                               f"got {steps!r}")
+    refined = any(refine_steps)
     needs_stats = method.needs_stats or refined or (target_reduction is not None
                                                     and allocation == "output_error")
 

@@ -66,11 +66,7 @@ def main():
     dense = perplexity(model, loaded.params, windows, progress=False)
     base = non_embedding_params(loaded.params)
     print(json.dumps({"method": "dense", "ppl": dense.ppl, "non_embedding_params": base}))
-    stats = None
-    if any(m in ("asvd", "tt_refine") or m.endswith("_alloc") for m in args.methods):
-        calib = sample_calibration(calib_tokens(loaded.tokenizer, "enwiki-sample"),
-                                   args.calib_samples, 512)
-        stats = collect_input_stats(model, loaded.params, calib, progress=False)
+    stats = None  # collected once, when the first variant needs them
     rows = []
     for reduction in args.reductions:
         for name in args.methods:
@@ -78,6 +74,10 @@ def main():
             transform = get_transform(transform_name)(target_reduction=reduction,
                                                       targets=[args.targets], progress=False,
                                                       **extra)
+            if transform.needs_calibration and stats is None:
+                calib = sample_calibration(calib_tokens(loaded.tokenizer, "enwiki-sample"),
+                                           args.calib_samples, 512)
+                stats = collect_input_stats(model, loaded.params, calib, progress=False)
             start = time.perf_counter()
             params = (transform(loaded.params, stats) if transform.needs_calibration
                       else transform(loaded.params))

@@ -98,6 +98,26 @@ def test_tt_refinement_lowers_every_output_error_at_the_same_size(tiny, stats):
         assert after < before
 
 
+@pytest.mark.parametrize("steps", [-1, 2.5, "abc", True])
+def test_bad_refine_steps_are_refused_before_any_work(steps):
+    with pytest.raises(JaxcompError, match="refine_steps must be a whole number >= 0"):
+        get_transform("tt")(target_reduction=0.3, refine_steps=steps)
+    with pytest.raises(JaxcompError, match="refine_steps must be a whole number >= 0"):
+        get_transform("tt")(param_ratio=0.5, rules=[{"pattern": "q_proj",
+                                                     "args": {"refine_steps": steps}}])
+
+
+def test_cli_bad_refine_steps_is_one_line_and_writes_nothing(tiny_llama_dir, tiny_text_file,
+                                                            tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["recipe=smollm2_tt", f"model={tiny_llama_dir}",
+                 f"eval.corpus=text:{tiny_text_file}", "eval.seq_len=32",
+                 "stages.0.args.refine_steps=many", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refine_steps must be a whole number >= 0, got 'many'" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".bad*"))
+
+
 def test_the_profile_ranks_the_unrefined_fit(tiny, stats):
     """Refinement only runs on the allocated sizes: the profile and allocation are unchanged."""
     profiles = []
