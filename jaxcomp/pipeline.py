@@ -55,7 +55,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     from jaxcomp.eval import perplexity
     from jaxcomp.models import build_model
     from jaxcomp.models.loading import load_model
-    from jaxcomp.tensornet import non_embedding_params
+    from jaxcomp.tensornet import non_embedding_size
 
     out_dir = os.path.abspath(recipe.out_dir)
     parent = os.path.dirname(out_dir)
@@ -92,7 +92,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         else:
             sized = params
         params_before, bytes_before = tree_size(sized)
-        non_embedding_before = non_embedding_params(sized)
+        non_embedding_before, non_embedding_bytes_before = non_embedding_size(sized)
         notes: list[str] = []
         before = _timed(seconds, "eval_before", perplexity, model, params, windows,
                         recipe.eval.batch_size, progress, "eval (before)")
@@ -129,6 +129,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             after = _timed(seconds, "eval_after_heal", perplexity, model, params, windows,
                            recipe.eval.batch_size, progress, "eval (healed)")
         params_after, bytes_after = tree_size(params)
+        non_embedding_after, non_embedding_bytes_after = non_embedding_size(params)
         report = {
             "recipe": recipe.name,
             "model": recipe.model,
@@ -141,9 +142,12 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "bytes_after": bytes_after,
             "bits_per_param": 8 * bytes_after / params_before,
             "non_embedding_params_before": non_embedding_before,
-            "non_embedding_params_after": non_embedding_params(params),
-            "non_embedding_reduction": round(1 - non_embedding_params(params)
-                                             / non_embedding_before, 4),
+            "non_embedding_params_after": non_embedding_after,
+            "non_embedding_reduction": round(1 - non_embedding_after / non_embedding_before, 4),
+            "non_embedding_bytes_before": non_embedding_bytes_before,
+            "non_embedding_bytes_after": non_embedding_bytes_after,
+            "non_embedding_bytes_reduction": round(
+                1 - non_embedding_bytes_after / non_embedding_bytes_before, 4),
             "ppl_before": before.ppl,
             "ppl_after_compress": after_compress.ppl,
             "ppl_after_heal": after.ppl if heal_report else None,
@@ -315,7 +319,8 @@ def format_report(report: dict) -> str:
         ("params before / after", f"{report['params_before']:,} / {report['params_after']:,}"),
         ("bytes before / after", f"{report['bytes_before']:,} / {report['bytes_after']:,}"),
         ("bits per param", f"{report['bits_per_param']:.3f}"),
-        ("non-embedding params cut", f"{report['non_embedding_reduction']:.1%}"),
+        ("non-embedding cut", f"{report['non_embedding_reduction']:.1%} of params, "
+                              f"{report['non_embedding_bytes_reduction']:.1%} of bytes"),
         ("perplexity before / after", f"{report['ppl_before']:.3f} / {report['ppl_after']:.3f}"),
         *([("perplexity after compress / heal", f"{report['ppl_after_compress']:.3f} / "
                                                f"{report['ppl_after_heal']:.3f}"),

@@ -14,6 +14,7 @@ from jaxcomp.tensornet.transform import (
     factorize,
     kron_transform,
     non_embedding_params,
+    non_embedding_size,
     svd_transform,
     tt_transform,
 )
@@ -22,5 +23,6 @@ from jaxcomp.tensornet.tt import TTMatrix, balanced_factors, tt_matrix, tt_svd, 
 __all__ = ["METHODS", "KronMatrix", "LowRank", "Profile", "TTMatrix", "allocate",
            "asvd_transform", "balanced_factors", "factorize", "kron_factorize",
            "kron_transform", "low_rank", "nearest_kron_sum", "non_embedding_params",
+           "non_embedding_size",
            "svd_factors", "svd_transform", "tt_matrix", "tt_svd", "tt_to_matrix",
            "tt_transform"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxcomp.core.leaf import CompressedLeaf
 from jaxcomp.core.rules import Rule, is_leaf, make_rules, path_str, require_matrix, select
-from jaxcomp.core.transform import leaf_transform, register_transform
+from jaxcomp.core.transform import leaf_transform, register_transform, tree_size
 from jaxcomp.errors import JaxcompError
 from jaxcomp.tensornet import kron as kron_math
 from jaxcomp.tensornet import lowrank, tt
@@ -156,13 +156,19 @@ METHODS = {
 
 # --- the transform ---------------------------------------------------------------------------
 
+def non_embedding_size(params) -> tuple[int, int]:
+    """``(num_params, nbytes)`` outside the embedding tables and LM head, as stored
+    (:func:`jaxcomp.core.tree_size` of the rest: a quantized matrix keeps its parameter count,
+    plus its scales, but its bytes shrink)."""
+    rest = [leaf for keypath, leaf in
+            jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0]
+            if not re.search(EMBEDDING_PATTERN, path_str(keypath))]
+    return tree_size(rest)
+
+
 def non_embedding_params(params) -> int:
     """Parameters outside the embedding tables and LM head (compressed leaves count as stored)."""
-    total = 0
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0]:
-        if not re.search(EMBEDDING_PATTERN, path_str(keypath)):
-            total += leaf.num_params if isinstance(leaf, CompressedLeaf) else int(np.size(leaf))
-    return total
+    return non_embedding_size(params)[0]
 
 
 def _fit_leaf(w, path, method: Method, fit_log: dict, stats=None, param_ratio=None, **args):

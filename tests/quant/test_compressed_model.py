@@ -138,13 +138,21 @@ def test_hf_export_of_compressed_model(tiny, tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-def test_cli_quantize_recipe(tiny_llama_dir, tiny_text_file, tmp_path):
+def test_cli_quantize_recipe(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "w4"
     assert main(["recipe=smollm2_w4g128_rtn", f"model={tiny_llama_dir}",
                  f"eval.corpus=text:{tiny_text_file}", "eval.seq_len=32",
                  "stages.0.args.group_size=32", f"out_dir={out}"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["bytes_after"] < report["bytes_before"]
+    # Quantizing keeps every parameter (and adds scales): the cut shows in bytes, not params.
+    assert report["non_embedding_params_after"] > report["non_embedding_params_before"]
+    assert report["non_embedding_bytes_before"] == 4 * report["non_embedding_params_before"]
+    assert report["non_embedding_bytes_reduction"] > 0.7  # 4-bit codes for float32 kernels
+    embedding_bytes = report["bytes_before"] - report["non_embedding_bytes_before"]
+    assert report["bytes_after"] - report["non_embedding_bytes_after"] == embedding_bytes
+    cut = f"{report['non_embedding_bytes_reduction']:.1%} of bytes"
+    assert cut in capsys.readouterr().out
     assert report["ppl_after"] != report["ppl_before"]
     assert os.path.isfile(out / "checkpoint" / "jaxcomp.json")
     assert "stage0:quantize" in report["seconds"]
