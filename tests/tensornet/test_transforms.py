@@ -229,12 +229,32 @@ def test_quantized_cores_are_counted_and_run(tiny, tmp_path):
     assert tree_size(back) == tree_size(out)
 
 
+def _tt_recipe_args(out, model, corpus, *extra):
+    return ["recipe=smollm2_tt", f"model={model}", f"eval.corpus=text:{corpus}",
+            f"calib.corpus=text:{corpus}", "eval.seq_len=32", "calib.seq_len=32",
+            "calib.num_samples=4", "stages.0.args.refine_steps=5", "save_checkpoint=false",
+            f"out_dir={out}", *extra]
+
+
+def test_cli_default_tt_recipe_refines_every_kernel(tiny_llama_dir, tiny_text_file, tmp_path,
+                                                    capsys):
+    out = tmp_path / "tt"
+    assert main(_tt_recipe_args(out, tiny_llama_dir, tiny_text_file, "heal.steps=0")) == 0
+    report = json.loads((out / "report.json").read_text())
+    # one ratio for all: no matrix left dense, every decoder kernel a TT fitted to its outputs
+    summary = report["stages"]["stage0"]["sensitivity"]
+    assert summary["metric"] == "uniform" and summary["matrices_left_dense"] == 0
+    fits = report["stages"]["stage0"]["fits"]
+    assert len(fits) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all(0 <= e[1] < e[0] for e in (f["output_error"] for f in fits.values()))
+    assert 0.6 <= report["non_embedding_reduction"] < 0.75
+    assert "stage0: output error" in capsys.readouterr().out
+
+
 def test_cli_tt_recipe_writes_profile(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "tt"
-    code = main(["recipe=smollm2_tt", f"model={tiny_llama_dir}",
-                 f"eval.corpus=text:{tiny_text_file}", f"calib.corpus=text:{tiny_text_file}",
-                 "eval.seq_len=32", "calib.seq_len=32", "calib.num_samples=4",
-                 "stages.0.args.refine_steps=5", "save_checkpoint=false", f"out_dir={out}"])
+    code = main(_tt_recipe_args(out, tiny_llama_dir, tiny_text_file,
+                                "stages.0.args.allocation=output_error"))
     assert code == 0
     assert "stage0: output error" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
