@@ -194,7 +194,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
 
 def _check_streamable(recipe: Recipe, transforms: list) -> None:
     for i, (stage, transform) in enumerate(zip(recipe.stages, transforms, strict=True)):
-        if getattr(transform, "needs_calibration", False) != "blocks":
+        if not getattr(transform, "block_steps", None):
             raise JaxcompError(f"stream=true: stages.{i} ({stage.transform}) is not "
                                "block-sequential; only gptq, awq, smoothquant and learn_clip "
                                "stream")

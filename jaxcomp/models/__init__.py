@@ -31,12 +31,23 @@ class DecoderParts:
         positions)[0]``.
       prefix: block key prefix in the params (``"layers"``, ``"h"``).
       head: ``head(params, x) -> logits``: final norm and LM head (tied or not).
+      linears: the block's linear kernels (block-relative paths) in the order the forward
+        reaches them, those reading the same input in one tuple (for fits that go layer by
+        layer on the inputs the already fitted ones produce).
     """
 
     embed: Callable
     block: Any
     prefix: str
     head: Callable
+    linears: tuple[tuple[str, ...], ...]
+
+
+LLAMA_LINEARS = (("self_attn/q_proj/kernel", "self_attn/k_proj/kernel", "self_attn/v_proj/kernel"),
+                 ("self_attn/o_proj/kernel",), ("mlp/gate_proj/kernel", "mlp/up_proj/kernel"),
+                 ("mlp/down_proj/kernel",))
+GPT2_LINEARS = (("attn/c_attn/kernel",), ("attn/c_proj/kernel",), ("mlp/c_fc/kernel",),
+                ("mlp/c_proj/kernel",))
 
 
 def decoder_parts(model) -> DecoderParts:
@@ -59,7 +70,8 @@ def decoder_parts(model) -> DecoderParts:
                                method=Embed.attend).astype(jnp.float32)
 
         return DecoderParts(lambda params, tokens: embed.apply(
-            {"params": params["embed_tokens"]}, tokens), LlamaBlock(cfg, dt, pdt), "layers", head)
+            {"params": params["embed_tokens"]}, tokens), LlamaBlock(cfg, dt, pdt), "layers", head,
+            LLAMA_LINEARS)
     wte = Embed(cfg.vocab_size, cfg.hidden_size, dt, pdt)
     wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dt, pdt)
     ln_f = LayerNorm(cfg.norm_eps, dt, pdt)
@@ -73,7 +85,7 @@ def decoder_parts(model) -> DecoderParts:
         x = ln_f.apply({"params": params["ln_f"]}, x)
         return wte.apply({"params": params["wte"]}, x, method=Embed.attend).astype(jnp.float32)
 
-    return DecoderParts(gpt2_embed, GPT2Block(cfg, dt, pdt), "h", gpt2_head)
+    return DecoderParts(gpt2_embed, GPT2Block(cfg, dt, pdt), "h", gpt2_head, GPT2_LINEARS)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32):

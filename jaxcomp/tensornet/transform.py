@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcomp.core.leaf import CompressedLeaf
-from jaxcomp.core.rules import Rule, is_leaf, make_rules, path_str, require_matrix, select
+from jaxcomp.core.rules import (
+    Rule,
+    is_leaf,
+    leaves_by_path,
+    make_rules,
+    path_str,
+    replace_leaves,
+    require_matrix,
+    select,
+)
 from jaxcomp.core.transform import leaf_transform, register_transform, tree_size
 from jaxcomp.errors import JaxcompError
 from jaxcomp.tensornet import kron as kron_math
@@ -85,7 +94,7 @@ def _tt_fit(w, chi, stats, name, rel_error=None, refine_steps=0, **opts):
         return leaf, {}
     if stats is None:
         raise JaxcompError(f"{name}: tt with refine_steps needs calibration statistics for "
-                           "this layer")
+                           "this layer (not a Linear kernel?)")
     cores, before, after = tt.refine_to_outputs(leaf.cores, w, stats.gram, refine_steps, name)
     leaf = leaf.replace(cores=tuple(jnp.asarray(c, leaf.dtype) for c in cores))
     # relative output error of the TT-SVD fit, then after refinement
@@ -219,8 +228,10 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
       **method_args: the method's knob (``max_bond_dim``/``rank``) and options.
 
     Returns:
-      ``transform(params, stats=None) -> params``; ``transform.needs_calibration`` says whether
-      ``stats`` (from :func:`jaxcomp.calib.collect_input_stats`) are required.
+      ``transform(params, calib=None) -> params``. ``transform.needs_calibration`` says what
+      ``calib`` must be: ``True``, stats from :func:`jaxcomp.calib.collect_input_stats`;
+      ``"blocks"`` (refinement), a :class:`jaxcomp.calib.Calibration`, which also gives the
+      allocation its statistics.
     """
     method = METHODS[method_name]
     if allocation not in ("uniform", "weight_error", "output_error"):
@@ -241,14 +252,25 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise JaxcompError(f"{method.refine_option} must be a whole number >= 0, "
                                f"got {steps!r}")
+    # Refinement runs in the block-sequential pass (it needs the model and calibration
+    # windows); the allocation's statistics, when it needs them, come from one dense pass.
     refined = any(refine_steps)
-    needs_stats = method.needs_stats or refined or (target_reduction is not None
-                                                    and allocation == "output_error")
+    needs_stats = method.needs_stats or (target_reduction is not None
+                                         and allocation == "output_error")
 
-    def transform(params, stats=None):
-        if needs_stats and stats is None:
-            why = ("" if method.needs_stats else " with refinement" if refined
-                   else f" with allocation={allocation}")
+    def transform(params, calib=None):
+        stats = calib
+        if refined:
+            from jaxcomp.calib import Calibration, collect_input_stats
+
+            if not isinstance(calib, Calibration):
+                raise JaxcompError(f"{method.name} with refinement needs calibration data: call "
+                                   "it as transform(params, Calibration(model, windows)) (the "
+                                   "CLI makes it from calib.*)")
+            stats = (collect_input_stats(calib.model, params, calib.windows, calib.batch_size,
+                                         calib.progress) if needs_stats else None)
+        elif needs_stats and stats is None:
+            why = "" if method.needs_stats else f" with allocation={allocation}"
             raise JaxcompError(f"{method.name}{why} needs calibration statistics (the CLI "
                                "collects them from calib.*)")
         run_rules = rule_list
@@ -272,15 +294,49 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
                               args={} if k is None else {**selected[p], method.knob: k})
                          for p, k in profile.allocation.items()]
         fit_log: dict[str, dict] = {}
-        out = leaf_transform(functools.partial(_fit_leaf, method=method, fit_log=fit_log),
-                             run_rules, progress=progress, desc=method.name, stats=stats,
-                             param_ratio=param_ratio, **method_args)(params)
+        fit = functools.partial(_fit_leaf, method=method, fit_log=fit_log)
+        if refined:
+            out = _fit_blocks(params, calib, fit, run_rules, method.name,
+                              param_ratio=param_ratio, **method_args)
+        else:
+            out = leaf_transform(fit, run_rules, progress=progress, desc=method.name,
+                                 stats=stats, param_ratio=param_ratio, **method_args)(params)
         if report_sink is not None and fit_log:
             report_sink("fits", fit_log)
         return out
 
-    transform.needs_calibration = needs_stats
+    transform.needs_calibration = "blocks" if refined else needs_stats
     return transform
+
+
+def _fit_blocks(params, calib, fit, rules, desc, **defaults):
+    """Fits the selected kernels block by block (:func:`jaxcomp.calib.run_blocks`) and, inside
+    a block, layer by layer in forward order: each is refined on the inputs the already
+    factorized layers before it produce (GPTQ's "true sequential"), so it learns to work with
+    them rather than with the original model's inputs."""
+    from jaxcomp.calib import BlockStep, run_blocks
+    from jaxcomp.models import decoder_parts
+
+    parts = decoder_parts(calib.model)
+    selected, _ = select(params, rules, warn=False)
+    outside = [p for p in selected if not re.match(rf"{parts.prefix}_\d+/", p)]
+    if outside:
+        raise JaxcompError(f"{outside[0]}: {desc} refinement fits the decoder blocks' kernels "
+                           "(block by block); give this parameter refine_steps=0")
+
+    def step(block_params, ctx, chosen):
+        leaves = leaves_by_path(block_params)
+        listed = {p for group in parts.linears for p in group}
+        for group in (*parts.linears, [p for p in chosen if p not in listed]):
+            group = [p for p in group if p in chosen]
+            if group:  # statistics of the block as fitted so far
+                stats = {f"{ctx.prefix}/{p}": st for p, st in ctx.collect(block_params).items()}
+                block_params = replace_leaves(block_params, {
+                    p: fit(leaves[p], f"{ctx.prefix}/{p}", stats=stats, **chosen[p])
+                    for p in group})
+        return block_params
+
+    return run_blocks(params, calib, (BlockStep(step, tuple(rules), defaults, desc),))
 
 
 def _public(method_name: str, doc: str):
@@ -299,7 +355,9 @@ tt_transform = _public("tt", """Tensor-train / MPO factorization of the selected
     Args (besides :func:`factorize`'s): ``max_bond_dim``, ``rel_error``, ``num_cores`` (3),
     ``in_factors``/``out_factors`` (default: balanced), ``refine_steps`` (0: plain TT-SVD;
     ``N``: then ``N`` L-BFGS steps on each layer's calibration output error,
-    :func:`jaxcomp.tensornet.tt.refine_to_outputs`; call as ``transform(params, stats)``).
+    :func:`jaxcomp.tensornet.tt.refine_to_outputs`, block by block and layer by layer on the
+    inputs the already factorized layers produce; call as
+    ``transform(params, Calibration(model, windows))``).
 
     Example:
       >>> small = tt_transform(param_ratio=0.3)(params)  # doctest: +SKIP

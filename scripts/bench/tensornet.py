@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from jaxcomp.calib import collect_input_stats  # noqa: E402
+from jaxcomp.calib import Calibration, collect_input_stats  # noqa: E402
 from jaxcomp.core import get_transform  # noqa: E402
 from jaxcomp.data import calib_tokens, eval_tokens, eval_windows, sample_calibration  # noqa: E402
 from jaxcomp.eval import perplexity  # noqa: E402
@@ -66,7 +66,7 @@ def main():
     dense = perplexity(model, loaded.params, windows, progress=False)
     base = non_embedding_params(loaded.params)
     print(json.dumps({"method": "dense", "ppl": dense.ppl, "non_embedding_params": base}))
-    stats = None  # collected once, when the first variant needs them
+    calib = stats = None  # made once, when the first variant needs them
     rows = []
     for reduction in args.reductions:
         for name in args.methods:
@@ -74,13 +74,17 @@ def main():
             transform = get_transform(transform_name)(target_reduction=reduction,
                                                       targets=[args.targets], progress=False,
                                                       **extra)
-            if transform.needs_calibration and stats is None:
+            needs = transform.needs_calibration
+            if needs and calib is None:
                 calib = sample_calibration(calib_tokens(loaded.tokenizer, "enwiki-sample"),
                                            args.calib_samples, 512)
+            if needs is True and stats is None:
                 stats = collect_input_stats(model, loaded.params, calib, progress=False)
             start = time.perf_counter()
-            params = (transform(loaded.params, stats) if transform.needs_calibration
-                      else transform(loaded.params))
+            if needs == "blocks":  # tt refinement: the block-sequential pass
+                params = transform(loaded.params, Calibration(model, calib, progress=False))
+            else:
+                params = transform(loaded.params, stats) if needs else transform(loaded.params)
             seconds = time.perf_counter() - start
             result = perplexity(model, params, windows, progress=False)
             row = {"method": name, "target_reduction": reduction,

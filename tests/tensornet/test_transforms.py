@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcomp.calib import collect_input_stats
+from jaxcomp.calib import Calibration, collect_input_stats
 from jaxcomp.checkpoint import load_checkpoint, save_checkpoint
 from jaxcomp.core import CompressedLeaf, chain, get_transform, tree_size
+from jaxcomp.core.rules import path_str, replace_leaves
 from jaxcomp.errors import JaxcompError
 from jaxcomp.models import build_model
 from jaxcomp.models.loading import load_model
@@ -19,6 +20,8 @@ from jaxcomp.pipeline import main
 from jaxcomp.quant import QArray
 from jaxcomp.tensornet import KronMatrix, LowRank, TTMatrix, non_embedding_params
 from jaxcomp.tensornet.sensitivity import MatrixProfile, allocate
+
+CALIB_TOKENS = np.random.default_rng(0).integers(3, 64, (6, 24))
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +31,8 @@ def tiny(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def stats(tiny):
-    tokens = np.random.default_rng(0).integers(3, 64, (6, 24))
-    return collect_input_stats(build_model(tiny.config), tiny.params, tokens, batch_size=4,
-                               progress=False)
+    return collect_input_stats(build_model(tiny.config), tiny.params, CALIB_TOKENS,
+                               batch_size=4, progress=False)
 
 
 def _forward(config, params, tokens):
@@ -73,29 +75,60 @@ def test_asvd_without_statistics_is_refused(tiny):
         get_transform("asvd")(rank=4)(tiny.params)
 
 
-def test_tt_refinement_lowers_every_output_error_at_the_same_size(tiny, stats):
+def _flat(tree):
+    return {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, CompressedLeaf))[0]}
+
+
+def test_tt_refinement_fits_each_layer_on_the_inputs_the_fitted_ones_produce(tiny, stats):
+    """Block by block, and inside a block in forward order (q/k/v, o, gate/up, down): each
+    kernel is refined on the inputs of the model whose earlier layers are already factorized.
+    The reported errors are checked from the statistics of exactly that hybrid model."""
+    from jaxcomp.models import LLAMA_LINEARS
+
     fits = []
     refined = get_transform("tt")(param_ratio=0.5, refine_steps=20,
                                   report_sink=lambda kind, v: fits.append((kind, v)))
-    assert refined.needs_calibration
-    with pytest.raises(JaxcompError, match="tt with refinement needs calibration statistics"):
+    assert refined.needs_calibration == "blocks"
+    with pytest.raises(JaxcompError, match="tt with refinement needs calibration data: call "
+                                           r"it as transform\(params, Calibration"):
         refined(tiny.params)
-    out = refined(tiny.params, stats)
+    model = build_model(tiny.config)
+    out = refined(tiny.params, Calibration(model, CALIB_TOKENS, batch_size=4, progress=False))
     plain = get_transform("tt")(param_ratio=0.5)(tiny.params)
     assert non_embedding_params(out) == non_embedding_params(plain)
     ((kind, log),) = fits
     assert kind == "fits" and len(log) == 14  # 7 kernels in each of the 2 layers
-    flat = lambda t: {"/".join(k.key for k in kp): v for kp, v in  # noqa: E731
-                      jax.tree_util.tree_flatten_with_path(t, is_leaf=lambda x: isinstance(
-                          x, CompressedLeaf))[0]}
-    orig, new, old = flat(tiny.params), flat(out), flat(plain)
-    for path, info in log.items():
-        before, after = info["output_error"]
-        err = stats[path].output_error(orig[path], new[path].materialize())
-        assert err == pytest.approx(after, rel=1e-3, abs=1e-6)
-        assert stats[path].output_error(orig[path], old[path].materialize()) == \
-            pytest.approx(before, rel=1e-3, abs=1e-6)
-        assert after < before
+    orig, new, old = _flat(tiny.params), _flat(out), _flat(plain)
+    for block in ("layers_0", "layers_1"):
+        done: dict = {}  # this block's kernels fitted before the current group
+        for group in LLAMA_LINEARS:
+            hybrid = {**out, block: replace_leaves(tiny.params[block], done)}
+            hybrid_stats = collect_input_stats(model, hybrid, CALIB_TOKENS, batch_size=4,
+                                               progress=False)
+            for p in group:
+                path = f"{block}/{p}"
+                before, after = log[path]["output_error"]
+                st = hybrid_stats[path]
+                assert st.output_error(orig[path], new[path].materialize()) == \
+                    pytest.approx(after, rel=1e-3, abs=1e-6)
+                assert st.output_error(orig[path], old[path].materialize()) == \
+                    pytest.approx(before, rel=1e-3, abs=1e-6)
+                assert after < before
+                if block == "layers_1" or group is not LLAMA_LINEARS[0]:
+                    # inputs changed by the fitted layers: not those of the original model
+                    assert not np.allclose(st.gram, stats[path].gram, rtol=1e-3)
+            done.update({p: new[f"{block}/{p}"] for p in group})
+
+
+def test_tt_refinement_refuses_kernels_outside_the_blocks(tiny):
+    refined = get_transform("tt")(param_ratio=0.5, refine_steps=5,
+                                  targets=[r"lm_head|layers_0/mlp/up_proj/kernel"])
+    model = build_model(tiny.config)
+    params = {**tiny.params, "lm_head": {"kernel": tiny.params["embed_tokens"]["embedding"].T}}
+    with pytest.raises(JaxcompError, match="lm_head/kernel: tt refinement fits the decoder "
+                                           "blocks' kernels"):
+        refined(params, Calibration(model, CALIB_TOKENS, progress=False))
 
 
 @pytest.mark.parametrize("steps", [-1, 2.5, "abc", True])
@@ -122,9 +155,11 @@ def test_the_profile_ranks_the_unrefined_fit(tiny, stats):
     """Refinement only runs on the allocated sizes: the profile and allocation are unchanged."""
     profiles = []
     sink = lambda kind, v: profiles.append(v) if kind == "profile" else None  # noqa: E731
-    for extra in ({}, {"refine_steps": 5}):
-        get_transform("tt")(target_reduction=0.3, allocation="output_error", report_sink=sink,
-                            **extra)(tiny.params, stats)
+    get_transform("tt")(target_reduction=0.3, allocation="output_error",
+                        report_sink=sink)(tiny.params, stats)
+    get_transform("tt")(target_reduction=0.3, allocation="output_error", report_sink=sink,
+                        refine_steps=5)(tiny.params, Calibration(
+                            build_model(tiny.config), CALIB_TOKENS, batch_size=4, progress=False))
     plain, refined = profiles
     assert refined.to_json() == plain.to_json()
 
