@@ -195,9 +195,8 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
 def _check_streamable(recipe: Recipe, transforms: list) -> None:
     for i, (stage, transform) in enumerate(zip(recipe.stages, transforms, strict=True)):
         if not getattr(transform, "block_steps", None):
-            raise JaxcompError(f"stream=true: stages.{i} ({stage.transform}) is not "
-                               "block-sequential; only gptq, awq, smoothquant and learn_clip "
-                               "stream")
+            raise JaxcompError(f"stream=true: stages.{i} ({stage.transform}) does not stream; "
+                               "only gptq, awq, smoothquant and learn_clip do")
     if recipe.heal.steps:
         raise JaxcompError("stream=true does not heal (training needs the whole model): set "
                            "heal.steps=0")

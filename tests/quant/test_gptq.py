@@ -238,7 +238,8 @@ def test_gptq_below_rtn_on_real_smollm2_layers(smollm2_gguf):
             assert info["proxy_error"] < rtn, (path, fmt.name, info["proxy_error"], rtn)
 
 
-def test_streamed_checkpoint_gives_the_same_result(tiny_llama_dir, tiny_text_file, tmp_path):
+def test_streamed_checkpoint_gives_the_same_result(tiny_llama_dir, tiny_text_file, tmp_path,
+                                                   capsys):
     """A block-by-block read of the checkpoint: same GPTQ result, same perplexity."""
     from jaxcomp.eval import perplexity
     from jaxcomp.models.hf import StreamedParams
@@ -268,6 +269,11 @@ def test_streamed_checkpoint_gives_the_same_result(tiny_llama_dir, tiny_text_fil
     assert main(["recipe=smollm2_gptq_w4g128", *common, "stages.0.args.group_size=32"]) == 0
     assert main(["recipe=smollm2_w4g128_rtn", *common, f"out_dir={tmp_path / 'x'}"]) == 2
     assert not (tmp_path / "x").exists()
+    # tt's refinement runs blocks too, but its budget reads every matrix: not streamed
+    capsys.readouterr()
+    assert main(["recipe=smollm2_tt", *common, "heal.steps=0", f"out_dir={tmp_path / 'y'}"]) == 2
+    assert "stages.0 (tt) does not stream" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("query_chunk", [12, 128])  # 32 tokens: 12 + 12 + 8, and one chunk
