@@ -12,7 +12,7 @@ import pytest
 from jaxcomp.calib import Calibration, collect_input_stats
 from jaxcomp.checkpoint import load_checkpoint, save_checkpoint
 from jaxcomp.core import CompressedLeaf, chain, get_transform, tree_size
-from jaxcomp.core.rules import path_str, replace_leaves
+from jaxcomp.core.rules import leaves_by_path, replace_leaves
 from jaxcomp.errors import JaxcompError
 from jaxcomp.models import build_model
 from jaxcomp.models.loading import load_model
@@ -75,11 +75,6 @@ def test_asvd_without_statistics_is_refused(tiny):
         get_transform("asvd")(rank=4)(tiny.params)
 
 
-def _flat(tree):
-    return {path_str(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: isinstance(x, CompressedLeaf))[0]}
-
-
 def test_tt_refinement_fits_each_layer_on_the_inputs_the_fitted_ones_produce(tiny, stats):
     """Block by block, and inside a block in forward order (q/k/v, o, gate/up, down): each
     kernel is refined on the inputs of the model whose earlier layers are already factorized.
@@ -99,7 +94,8 @@ def test_tt_refinement_fits_each_layer_on_the_inputs_the_fitted_ones_produce(tin
     assert non_embedding_params(out) == non_embedding_params(plain)
     ((kind, log),) = fits
     assert kind == "fits" and len(log) == 14  # 7 kernels in each of the 2 layers
-    orig, new, old = _flat(tiny.params), _flat(out), _flat(plain)
+    orig, new = leaves_by_path(tiny.params), leaves_by_path(out)
+    old = leaves_by_path(plain)
     for block in ("layers_0", "layers_1"):
         done: dict = {}  # this block's kernels fitted before the current group
         for group in LLAMA_LINEARS:
