@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcomp.core.rules import make_rules, path_str, select
+from jaxcomp.core.rules import check_rule_args, make_rules, path_str, select
 from jaxcomp.errors import JaxcompError
 
 
@@ -322,15 +322,17 @@ def block_transform(fn: Callable[..., Any], rules=None, *, targets=(), ignore=()
       rules, targets, ignore: selection over full param paths (``layers_3/mlp/up_proj/kernel``).
       desc: name in errors.
       head_grams: the step reads ``InputStats.head_grams`` (collected only then).
-      **defaults: arguments for every selected leaf.
+      **defaults: arguments for every selected leaf; a rule's ``args`` may set only these
+        (any other raises now).
 
     Returns:
       The transform, with ``needs_calibration = "blocks"`` (the pipeline hands it a
       :class:`Calibration`) and ``block_steps`` (``chain`` fuses adjacent calibrated transforms
       into one pass over the blocks).
     """
-    step = BlockStep(fn, tuple(make_rules(rules, targets=targets, ignore=ignore)), defaults,
-                     desc, head_grams)
+    rule_list = make_rules(rules, targets=targets, ignore=ignore)
+    check_rule_args(rule_list, defaults, desc)
+    step = BlockStep(fn, tuple(rule_list), defaults, desc, head_grams)
     return steps_transform((step,))
 
 

@@ -51,7 +51,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     Everything is written into a temporary directory beside ``recipe.out_dir`` that is renamed
     into place at the end, so a failure leaves no partial output.
     """
-    from jaxcomp.core import get_transform, tree_size
+    from jaxcomp.core import tree_size
     from jaxcomp.eval import perplexity
     from jaxcomp.models import build_model
     from jaxcomp.models.loading import load_model
@@ -66,18 +66,8 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         start = time.perf_counter()
         # Every stage's transform is made first: a bad argument fails before any loading.
         stage_reports: dict[str, dict] = {}
-        transforms = []
-        for i, stage in enumerate(recipe.stages):
-            factory = get_transform(stage.transform)
-            extra = {}
-            if "report_sink" in inspect.signature(factory).parameters:
-                extra["report_sink"] = functools.partial(_stage_report, tmp, i, stage_reports)
-            try:
-                transforms.append(factory(**stage.args, rules=stage.rules, **extra))
-            except TypeError as e:  # an argument the transform does not take
-                raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
-        if recipe.stream:
-            _check_streamable(recipe, transforms)
+        transforms = make_transforms(
+            recipe, lambda i: functools.partial(_stage_report, tmp, i, stage_reports))
         loaded = _timed(seconds, "load", load_model, recipe.model, stream=recipe.stream)
         dtype = jnp.bfloat16 if recipe.dtype == "bfloat16" else jnp.float32
         model = build_model(loaded.config, dtype=dtype)
@@ -190,6 +180,30 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def make_transforms(recipe: Recipe, report_sink=None) -> list:
+    """Each stage's transform, made from its arguments without loading anything.
+
+    ``report_sink(i)`` gives the sink for stage ``i``'s reports, for transforms that write them.
+    Raises JaxcompError (one line) on an argument a transform refuses or does not take, and on
+    a stage that cannot stream when ``stream`` is set.
+    """
+    from jaxcomp.core import get_transform
+
+    transforms = []
+    for i, stage in enumerate(recipe.stages):
+        factory = get_transform(stage.transform)
+        extra = {}
+        if report_sink and "report_sink" in inspect.signature(factory).parameters:
+            extra["report_sink"] = report_sink(i)
+        try:
+            transforms.append(factory(**stage.args, rules=stage.rules, **extra))
+        except TypeError as e:  # an argument the transform does not take
+            raise JaxcompError(f"stages.{i} ({stage.transform}): {e}") from None
+    if recipe.stream:
+        _check_streamable(recipe, transforms)
+    return transforms
 
 
 def _check_streamable(recipe: Recipe, transforms: list) -> None:

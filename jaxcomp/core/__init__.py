@@ -4,6 +4,7 @@ from jaxcomp.core.dense import dense
 from jaxcomp.core.leaf import CompressedLeaf
 from jaxcomp.core.rules import (
     Rule,
+    check_rule_args,
     leaves_by_path,
     make_rules,
     path_str,
@@ -20,7 +21,6 @@ from jaxcomp.core.transform import (
     tree_size,
 )
 
-__all__ = ["CompressedLeaf", "Rule", "chain", "dense", "get_transform", "leaf_transform",
-           "leaves_by_path", "replace_leaves",
-           "list_transforms", "make_rules", "path_str", "register_transform", "require_matrix",
-           "select", "tree_size"]
+__all__ = ["CompressedLeaf", "Rule", "chain", "check_rule_args", "dense", "get_transform",
+           "leaf_transform", "leaves_by_path", "list_transforms", "make_rules", "path_str",
+           "register_transform", "replace_leaves", "require_matrix", "select", "tree_size"]

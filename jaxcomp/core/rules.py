@@ -89,6 +89,17 @@ def make_rules(rules=None, *, targets: Sequence[str] = (), ignore: Sequence[str]
     return out
 
 
+def check_rule_args(rules: Sequence[Rule], allowed, where: str) -> None:
+    """Refuses a rule argument the transform does not read (a typo would otherwise be ignored
+    or fail at the first selected leaf, after the model has loaded)."""
+    for r in rules:
+        unknown = sorted(set(r.args) - set(allowed))
+        if unknown:
+            raise JaxcompError(f"{where}: rule {r.pattern!r} sets {', '.join(unknown)}, which "
+                               f"{where} does not take (a rule may set: "
+                               f"{', '.join(sorted(allowed))})")
+
+
 def select(tree, rules: Sequence[Rule], *, warn: bool = True
            ) -> tuple[dict[str, dict[str, Any]], list[Rule]]:
     """Which leaves the rules select.

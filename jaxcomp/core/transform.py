@@ -10,7 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxcomp.core.leaf import CompressedLeaf
-from jaxcomp.core.rules import is_leaf, make_rules, path_str, select
+from jaxcomp.core.rules import check_rule_args, is_leaf, make_rules, path_str, select
 from jaxcomp.errors import JaxcompError
 
 Transform = Callable[[object], object]
@@ -18,7 +18,7 @@ _REGISTRY: dict[str, Callable[..., Transform]] = {}
 
 
 def leaf_transform(fn: Callable, rules=None, *, targets=(), ignore=(), progress: bool | None = None,
-                   desc: str = "transform", **defaults) -> Transform:
+                   desc: str = "transform", rule_args=None, **defaults) -> Transform:
     """Makes a pure transform that applies ``fn`` to the leaves the rules select.
 
     Args:
@@ -26,7 +26,9 @@ def leaf_transform(fn: Callable, rules=None, *, targets=(), ignore=(), progress:
         selecting rule's ``args``.
       rules, targets, ignore: selection, see :func:`jaxcomp.core.rules.make_rules`.
       progress: show a progress bar (default: when stderr is a terminal).
-      desc: progress bar label.
+      desc: progress bar label and the transform's name in errors.
+      rule_args: the argument names a rule may set (default: those of ``defaults``); any
+        other raises now.
       **defaults: arguments passed to ``fn`` for every selected leaf.
 
     Returns:
@@ -38,6 +40,7 @@ def leaf_transform(fn: Callable, rules=None, *, targets=(), ignore=(), progress:
       >>> new_params = halve(params)  # doctest: +SKIP
     """
     rule_list = make_rules(rules, targets=targets, ignore=ignore)
+    check_rule_args(rule_list, defaults if rule_args is None else rule_args, desc)
 
     def transform(tree):
         selected, _ = select(tree, rule_list)

@@ -286,15 +286,7 @@ def _require_bool(args: Mapping[str, Any], keys, where: str) -> None:
 
 # --- AWQ --------------------------------------------------------------------------------------
 
-_AWQ_ARGS = ("fmt", "format", "bits", "group_size", "symmetric", "scale_dtype", "alpha_grid",
-             "clip", "quantize")
-
-
 def _awq_format(args: Mapping[str, Any], where: str):
-    unknown = sorted(set(args) - set(_AWQ_ARGS))
-    if unknown:
-        raise JaxcompError(f"{where}: awq has no argument {unknown[0]!r} "
-                           f"(arguments: {', '.join(_AWQ_ARGS)})")
     _require_bool(args, ("clip", "quantize", "symmetric"), where)
     grid = args["alpha_grid"]
     if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
@@ -379,15 +371,8 @@ def awq(fmt=None, *, format: str = "int", bits: int | None = 4, group_size=128,
 
 # --- SmoothQuant ------------------------------------------------------------------------------
 
-_SQ_ARGS = ("alpha", "act_bits", "w_bits", "w_group_size", "w_symmetric", "w_scale_dtype")
-
-
 def _sq_format(args: Mapping[str, Any], where: str):
     """The weight format (``None``: weights stay float) after checking the arguments."""
-    unknown = sorted(set(args) - set(_SQ_ARGS))
-    if unknown:
-        raise JaxcompError(f"{where}: smoothquant has no argument {unknown[0]!r} "
-                           f"(arguments: {', '.join(_SQ_ARGS)})")
     alpha = args["alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise JaxcompError(f"{where}: alpha must be in [0, 1], got {alpha!r}")

@@ -43,18 +43,6 @@ from jaxcomp.quant.formats import resolve_format
 from jaxcomp.quant.rtn import _check
 from jaxcomp.quant.transform import DEFAULT_TARGETS
 
-# Arguments a rule may set per kernel; the optimization (steps, lr, batch_size) is per block.
-_KERNEL_ARGS = ("fmt", "format", "bits", "group_size", "symmetric", "scale_dtype")
-
-
-def _format(args: Mapping, where: str):
-    unknown = sorted(set(args) - set(_KERNEL_ARGS))
-    if unknown:
-        raise JaxcompError(f"{where}: learn_clip has no per-kernel argument {unknown[0]!r} "
-                           f"(per kernel: {', '.join(_KERNEL_ARGS)}; steps, lr, batch_size "
-                           "and seed apply to whole blocks: set them on the transform)")
-    return resolve_format(args, where)
-
 
 def _inner_kernel(leaf, name: str):
     """The float ``(K, N)`` kernel a selected leaf holds (itself, or inside an input-side
@@ -160,7 +148,7 @@ def learn_clip_block(block_params, ctx: BlockContext, selected: Mapping[str, dic
         name = f"{ctx.prefix}/{path}"
         if path not in leaves:
             raise JaxcompError(f"{name}: not found in the block params")
-        fmts.append((path, _format(selected[path], name)))
+        fmts.append((path, resolve_format(selected[path], name)))
         kernels[path] = _inner_kernel(leaves[path], name)
     fmts = tuple(fmts)
     num = ctx.inputs.shape[0]
@@ -252,10 +240,10 @@ def learn_clip(fmt=None, *, format: str = "int", bits: int | None = 4, group_siz
         raise JaxcompError(f"learn_clip: seed must be an integer, got {seed!r}")
     defaults = dict(fmt=fmt, format=format, bits=bits, group_size=group_size,
                     symmetric=symmetric, scale_dtype=scale_dtype)
-    _format(defaults, "learn_clip")  # a bad format or rule fails now, not in the first block
+    resolve_format(defaults, "learn_clip")  # a bad format or rule fails now, not in the first block
     for r in make_rules(rules):
         if not r.skip and r.args:
-            _format({**defaults, **r.args}, f"learn_clip rule {r.pattern!r}")
+            resolve_format({**defaults, **r.args}, f"learn_clip rule {r.pattern!r}")
     report: dict[str, dict] = {}
 
     def step(block_params, ctx, selected):

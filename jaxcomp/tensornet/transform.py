@@ -22,6 +22,7 @@ import numpy as np
 from jaxcomp.core.leaf import CompressedLeaf
 from jaxcomp.core.rules import (
     Rule,
+    check_rule_args,
     is_leaf,
     leaves_by_path,
     make_rules,
@@ -50,6 +51,8 @@ class Method:
       fit: ``fit(w, knob_value, stats, name, **opts) -> (CompressedLeaf, info dict)``.
       params: ``params(shape, knob_value, **opts) -> int`` scalars stored.
       knob_range: ``knob_range(shape, **opts) -> (smallest, largest)``.
+      options: the method's other arguments (what ``fit``, ``params`` and ``knob_range``
+        accept besides the knob).
       needs_stats: fitting uses calibration statistics.
       refine_option: the option giving a number of steps that refine the final fit from
         calibration statistics: set, it needs statistics, and the sensitivity profile leaves it
@@ -62,6 +65,7 @@ class Method:
     fit: Callable
     params: Callable
     knob_range: Callable
+    options: tuple[str, ...] = ()
     needs_stats: bool = False
     refine_option: str | None = None
 
@@ -156,10 +160,13 @@ def _kron_range(shape, a_shape=None, b_shape=None, permute_iters=0):
 
 METHODS = {
     "tt": Method("tt", "max_bond_dim", _tt_fit, _tt_params, _tt_range,
+                 ("rel_error", "refine_steps", "num_cores", "in_factors", "out_factors"),
                  refine_option="refine_steps"),
-    "svd": Method("svd", "rank", _svd_fit, _svd_params, _svd_range),
-    "asvd": Method("asvd", "rank", _asvd_fit, _svd_params, _svd_range, needs_stats=True),
-    "kron": Method("kron", "rank", _kron_fit, _kron_params, _kron_range),
+    "svd": Method("svd", "rank", _svd_fit, _svd_params, _svd_range, ("alpha",)),
+    "asvd": Method("asvd", "rank", _asvd_fit, _svd_params, _svd_range, ("alpha",),
+                   needs_stats=True),
+    "kron": Method("kron", "rank", _kron_fit, _kron_params, _kron_range,
+                   ("a_shape", "b_shape", "permute_iters")),
 }
 
 
@@ -245,7 +252,15 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
                            "param_ratio), not both")
     if not 0 < probe_ratio <= 1:
         raise JaxcompError(f"probe_ratio must be in (0, 1], got {probe_ratio}")
+    per_matrix = (method.knob, *method.options)
+    unknown = sorted(set(method_args) - set(per_matrix))
+    if unknown:
+        raise JaxcompError(f"{method.name} does not take {', '.join(unknown)} (it takes "
+                           f"param_ratio, target_reduction, allocation, probe_ratio, "
+                           f"{', '.join(per_matrix)})")
+    rule_args = ("param_ratio", *per_matrix)
     rule_list = make_rules(rules, targets=targets, ignore=ignore)
+    check_rule_args(rule_list, rule_args, method.name)
     refine_steps = [a[method.refine_option] for a in (method_args, *(r.args for r in rule_list))
                     if a.get(method.refine_option) is not None]
     for steps in refine_steps:  # checked before a long profile, not at the first fit after it
@@ -300,7 +315,8 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
                               param_ratio=param_ratio, **method_args)
         else:
             out = leaf_transform(fit, run_rules, progress=progress, desc=method.name,
-                                 stats=stats, param_ratio=param_ratio, **method_args)(params)
+                                 rule_args=rule_args, stats=stats, param_ratio=param_ratio,
+                                 **method_args)(params)
         if report_sink is not None and fit_log:
             report_sink("fits", fit_log)
         return out

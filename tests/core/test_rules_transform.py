@@ -79,6 +79,20 @@ def test_bad_rules():
     assert rules[0].args == {"bits": 8} and rules[1] == Rule("up")
 
 
+def test_rule_arguments_the_transform_does_not_take_fail_when_it_is_made():
+    scale = lambda w, path, factor: w * factor  # noqa: E731
+    with pytest.raises(JaxcompError, match="scale: rule 'down' sets fctor, which scale does not "
+                                           r"take \(a rule may set: factor\)"):
+        leaf_transform(scale, [{"pattern": "down", "args": {"fctor": 2.0}}], desc="scale",
+                       factor=1.0)
+    doubled = leaf_transform(scale, [{"pattern": "down", "args": {"factor": 2.0}}],
+                             targets=["up"], desc="scale", factor=1.0)(_params())
+    assert float(doubled["layers_0"]["mlp"]["down_proj"]["kernel"][0, 0]) == 2.0
+    assert float(doubled["layers_0"]["mlp"]["up_proj"]["kernel"][0, 0]) == 1.0
+    # rule_args widens what a rule may set beyond the defaults
+    leaf_transform(scale, [{"pattern": "down", "args": {"factor": 2.0}}], rule_args=("factor",))
+
+
 def test_errors_name_the_path():
     def refuse(w, path):
         raise JaxcompError("bad weights")

@@ -310,8 +310,10 @@ def test_awq_partly_selected_group_is_not_scaled(planted):
 def test_awq_argument_errors():
     with pytest.raises(JaxcompError, match="bits"):
         awq(bits=9)
-    with pytest.raises(JaxcompError, match="no argument 'alpha'"):
+    with pytest.raises(JaxcompError, match="rule 'down_proj' sets alpha, which awq does not"):
         awq(rules=[{"pattern": "down_proj", "args": {"alpha": 0.5}}])
+    with pytest.raises(JaxcompError, match="sets alpha_grid, which smoothquant does not"):
+        smoothquant(rules=[{"pattern": "down_proj", "args": {"alpha_grid": 5}}])
     with pytest.raises(JaxcompError, match="alpha_grid"):
         awq(alpha_grid=0)
     with pytest.raises(JaxcompError, match="act_bits"):

@@ -205,6 +205,10 @@ def test_bad_input(tiny):
         get_transform("gptq")(bits=4)(params)
     with pytest.raises(JaxcompError, match="integer formats need bits"):
         get_transform("gptq")(bits=1)
+    # a misspelt rule argument used to be ignored: the layer got the default format
+    with pytest.raises(JaxcompError, match="gptq: rule 'down_proj' sets bitz, which gptq does "
+                                           "not take"):
+        get_transform("gptq")(bits=4, rules=[{"pattern": "down_proj", "args": {"bitz": 8}}])
     with pytest.raises(JaxcompError, match="already compressed"):
         get_transform("gptq")(bits=4, group_size=32)(quantize(int4(32))(params),
                                                      Calibration(model, windows,

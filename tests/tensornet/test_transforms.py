@@ -136,14 +136,32 @@ def test_bad_refine_steps_are_refused_before_any_work(steps):
                                                      "args": {"refine_steps": steps}}])
 
 
-def test_cli_bad_refine_steps_is_one_line_and_writes_nothing(tiny_llama_dir, tiny_text_file,
-                                                            tmp_path, capsys):
+@pytest.mark.parametrize("name", ["tt", "svd", "asvd", "kron"])
+def test_unknown_arguments_are_refused_when_the_transform_is_made(name):
+    # a typo used to pass here and fail (TypeError) at the first fit, after loading the model
+    with pytest.raises(JaxcompError, match=f"{name} does not take refine_step "):
+        get_transform(name)(param_ratio=0.5, refine_step=5)
+    with pytest.raises(JaxcompError, match=f"{name}: rule 'q_proj' sets rnk, which {name} does "
+                                           "not take"):
+        get_transform(name)(param_ratio=0.5, rules=[{"pattern": "q_proj",
+                                                     "args": {"rnk": 4}}])
+    knob = "max_bond_dim" if name == "tt" else "rank"
+    get_transform(name)(param_ratio=0.5, rules=[{"pattern": "q_proj",
+                                                 "args": {knob: 4, "param_ratio": 0.2}}])
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("stages.0.args.refine_steps=many", "refine_steps must be a whole number >= 0, got 'many'"),
+    ("stages.0.args.refine_step=50", "tt does not take refine_step"),
+])
+def test_cli_bad_tt_argument_is_one_line_and_writes_nothing(tiny_llama_dir, tiny_text_file,
+                                                            tmp_path, capsys, arg, needle):
     out = tmp_path / "bad"
     assert main(["recipe=smollm2_tt", f"model={tiny_llama_dir}",
-                 f"eval.corpus=text:{tiny_text_file}", "eval.seq_len=32",
-                 "stages.0.args.refine_steps=many", f"out_dir={out}"]) == 2
+                 f"eval.corpus=text:{tiny_text_file}", "eval.seq_len=32", arg,
+                 f"out_dir={out}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "refine_steps must be a whole number >= 0, got 'many'" in err[0]
+    assert len(err) == 1 and needle in err[0], err
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
 
 
