@@ -353,13 +353,39 @@ def format_report(report: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def usage() -> str:
+    """``compress.py --help``: the command form, the shipped recipes and the transforms."""
+    import yaml
+
+    from jaxcomp.core import list_transforms
+    from jaxcomp.recipes import DEFAULT_RECIPE, RECIPES_DIR, available_recipes
+
+    lines = ["usage: python scripts/compress.py [recipe=NAME|recipe=PATH.yaml] [key.sub=value ...]",
+             "",
+             "Compresses a model by a recipe's stages (then heals it when heal.steps > 0),",
+             "evaluates perplexity before and after, and writes out_dir/report.json (README:",
+             "'The compress CLI' lists every key).",
+             f"No recipe runs {DEFAULT_RECIPE}. Errors print one line and exit with 2.",
+             "", "recipes (recipes/NAME.yaml):"]
+    names = available_recipes()
+    width = max(map(len, names))
+    for name in names:
+        with open(os.path.join(RECIPES_DIR, name + ".yaml")) as f:
+            description = (yaml.safe_load(f) or {}).get("description", "")
+        lines.append(f"  {name:<{width}}  {description}")
+    lines += ["", f"transforms (stages.N.transform): {', '.join(list_transforms())}",
+              "example: python scripts/compress.py recipe=smollm2_gptq_w4g128 "
+              "eval.max_tokens=8192 out_dir=out/gptq"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``compress.py recipe=NAME key.sub=value ...``; user errors exit with 2."""
     from jaxcomp.recipes import load_recipe, parse_overrides
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ or "", "\nusage: compress.py [recipe=NAME] [key.sub=value ...]")
+        print(usage())
         return 0
     try:
         from jaxcomp.parallel import initialize_distributed

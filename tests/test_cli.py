@@ -49,6 +49,18 @@ def test_every_shipped_recipe_makes_its_transforms(name):
     assert len(transforms) == len(recipe.stages) and all(map(callable, transforms))
 
 
+def test_help_lists_the_recipes_and_transforms(capsys):
+    from jaxcomp.core import list_transforms
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python scripts/compress.py")
+    for name in available_recipes():  # each with its description
+        description = load_recipe(name, {"model": "x", "heal.corpus": "lee"}).description
+        assert f"  {name} " in out and description in out, name
+    assert ", ".join(list_transforms()) in out
+
+
 def test_baseline_writes_report(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(tiny_llama_dir, tiny_text_file, out)) == 0
