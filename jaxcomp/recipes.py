@@ -196,6 +196,9 @@ def _check_values(r: Recipe) -> None:
     for ok, msg in checks:
         if not ok:
             raise JaxcompError(msg)
+    from jaxcomp.parallel.mesh import compile_mesh_rules
+
+    compile_mesh_rules(r.heal.mesh.rules)  # shapes are checked when the arrays exist
 
 
 def recipe_to_yaml(r: Recipe) -> str:

@@ -75,11 +75,7 @@ def partition_specs(arrays: Mapping[str, object], mesh: Mesh,
       JaxcompError: a rule's spec has the wrong rank, names an unknown axis, or does not
         divide the array's shape.
     """
-    compiled = []
-    for rule in rules:
-        if len(rule) != 2:
-            raise JaxcompError(f"heal.mesh.rules entries are [regex, spec], got {rule!r}")
-        compiled.append((re.compile(rule[0]), tuple(rule[1])))
+    compiled = compile_mesh_rules(rules)
     specs = {}
     for path, a in arrays.items():
         shape = tuple(np.shape(a))
@@ -93,16 +89,40 @@ def partition_specs(arrays: Mapping[str, object], mesh: Mesh,
     return specs
 
 
+def _axis_names(axis) -> tuple[str, ...]:
+    return () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def compile_mesh_rules(rules: Sequence[Sequence]) -> list[tuple[re.Pattern, tuple]]:
+    """``heal.mesh.rules`` checked without any arrays (the recipe loader calls it, so a bad
+    rule fails before compression): ``[regex, [axis or None, ...]]`` pairs, valid regexes,
+    known axis names. Returns ``(compiled regex, spec)`` pairs."""
+    compiled = []
+    for rule in rules:
+        if (isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2
+                or isinstance(rule[1], str) or not isinstance(rule[1], Sequence)):
+            raise JaxcompError(f"heal.mesh.rules entries are [regex, [axis or null, ...]], "
+                               f"got {rule!r}")
+        try:
+            pattern = re.compile(str(rule[0]))
+        except re.error as e:
+            raise JaxcompError(f"heal.mesh.rules: {rule[0]!r} is not a valid regex: {e}"
+                               ) from None
+        for axis in rule[1]:
+            for name in _axis_names(axis):
+                if name not in AXES:
+                    raise JaxcompError(f"heal.mesh.rules: unknown mesh axis {name!r} in rule "
+                                       f"{rule[0]!r} (axes: {', '.join(AXES)})")
+        compiled.append((pattern, tuple(rule[1])))
+    return compiled
+
+
 def _check_spec(path: str, shape, spec, mesh: Mesh) -> None:
     if len(spec) != len(shape):
         raise JaxcompError(f"heal.mesh.rules: spec {list(spec)} for {path} has {len(spec)} "
                            f"entries, the array has shape {shape}")
     for dim, axis in zip(shape, spec, strict=True):
-        names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
-        for name in names:
-            if name not in mesh.shape:
-                raise JaxcompError(f"heal.mesh.rules: unknown mesh axis {name!r} for {path} "
-                                   f"(axes: {', '.join(AXES)})")
+        names = _axis_names(axis)
         size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
         if dim % size:
             raise JaxcompError(f"heal.mesh.rules: {path} dimension {dim} is not divisible by "

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -222,6 +223,10 @@ def make_trainer(model, partition: Partition, train_params: dict, frozen: dict, 
     spec_train = partition_specs(train_params, mesh, rules)
     spec_frozen = partition_specs(frozen, mesh, rules)
     spec_teacher = partition_specs(t_flat, mesh, rules)
+    for rule in rules:  # a rule matching nothing leaves the automatic layout: say so
+        if not any(re.search(str(rule[0]), p) for d in (train_params, frozen, t_flat) for p in d):
+            warnings.warn(f"heal.mesh.rules: {rule[0]!r} matched no array (paths read like "
+                          f"{next(iter(train_params))})", stacklevel=2)
     optimizer = make_optimizer(cfg)
     opt_shape = jax.eval_shape(optimizer.init, train_params)
     state_specs = {"params": spec_train, "opt": _opt_specs(opt_shape, spec_train),

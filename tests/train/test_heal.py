@@ -158,6 +158,10 @@ def test_partition_rules_and_mesh_errors():
         partition_specs(arrays, mesh, [[r"a", ["model", None]]])
     with pytest.raises(JaxcompError, match="has 1 entries"):
         partition_specs(arrays, mesh, [[r"a", ["fsdp"]]])
+    with pytest.raises(JaxcompError, match="'\\(' is not a valid regex"):
+        partition_specs(arrays, mesh, [[r"(", [None, None]]])
+    with pytest.raises(JaxcompError, match="entries are \\[regex, \\[axis or null"):
+        partition_specs(arrays, mesh, [[r"a", "fsdp"]])
     with pytest.raises(JaxcompError, match="devices"):
         make_mesh(data=3, fsdp=1, tensor=1)
     with pytest.raises(JaxcompError, match="at most one -1"):
@@ -187,6 +191,10 @@ def test_heal_lowers_the_distillation_loss_and_returns_packed_leaves(tiny):
     with pytest.raises(JaxcompError, match="2 but there are 1 devices"):
         heal(build_model(tiny.config), student, teacher, tokens,
              HealConfig(steps=1, batch_size=4, seq_len=32, mesh=MeshConfig(data=2)))
+    with pytest.warns(UserWarning, match="heal.mesh.rules: 'emb_tokens' matched no array"):
+        heal(build_model(tiny.config), student, teacher, tokens,
+             HealConfig(steps=1, batch_size=4, seq_len=32,
+                        mesh=MeshConfig(rules=[["emb_tokens", [None, None]]])))
 
 
 def _tiny_student(tiny):

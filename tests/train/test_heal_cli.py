@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from jaxcomp.errors import JaxcompError
 from jaxcomp.pipeline import main
 
 RECIPE = """
@@ -62,6 +63,7 @@ def test_heal_stage_report(recipe, tiny_llama_dir, tiny_text_file, tmp_path, cap
     (["heal.mesh.data=3"], "devices"),
     (["heal.batch_size=100000"], "fewer than heal.batch_size"),
     (["heal.mesh.rules=[['embedding', ['model', null]]]"], "unknown mesh axis"),
+    (["heal.mesh.rules=[['(', [null]]]"], "is not a valid regex"),
     (["heal.targets=['^nothing$']"], "nothing to train"),
     (["heal.compute_dtype=float16"], "heal.compute_dtype"),
 ])
@@ -72,6 +74,14 @@ def test_bad_heal_input(recipe, tiny_llama_dir, tiny_text_file, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+def test_bad_mesh_rules_fail_when_the_recipe_loads():
+    # before compression, not when the heal builds its trainer minutes later
+    from jaxcomp.recipes import load_recipe
+
+    with pytest.raises(JaxcompError, match="unknown mesh axis 'model' in rule 'embedding'"):
+        load_recipe("smollm2_tt", {"heal.mesh.rules": [["embedding", ["model", None]]]})
 
 
 def test_checkpoints_of_another_run_are_refused(recipe, tiny_llama_dir, tiny_text_file,
