@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -101,12 +102,8 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
                 calib = _calibration_windows(recipe, loaded.tokenizer)
                 args = (_timed(seconds, f"stage{i}:calibration", collect_input_stats, model,
                                params, calib, recipe.eval.batch_size, progress),)
-            with warnings.catch_warnings(record=True) as caught:  # e.g. a rule matching nothing
-                warnings.simplefilter("always")
+            with _noting_warnings(notes, f"stages.{i} ({stage.transform})"):
                 params = _timed(seconds, f"stage{i}:{stage.transform}", transform, params, *args)
-            for w in caught:
-                notes.append(f"stages.{i} ({stage.transform}): {w.message}")
-                print(f"warning: {notes[-1]}", file=sys.stderr)
         if recipe.stages:
             after = _timed(seconds, "eval_after", perplexity, model, params, windows,
                            recipe.eval.batch_size, progress, "eval (after)")
@@ -115,7 +112,8 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         after_compress = after
         heal_report = None
         if recipe.heal.steps:
-            params, heal_report = _heal(recipe, loaded, params, tmp, seconds, progress)
+            with _noting_warnings(notes, None):  # heal warnings name their heal.* key
+                params, heal_report = _heal(recipe, loaded, params, tmp, seconds, progress)
             after = _timed(seconds, "eval_after_heal", perplexity, model, params, windows,
                            recipe.eval.batch_size, progress, "eval (healed)")
         params_after, bytes_after = tree_size(params)
@@ -214,6 +212,20 @@ def _check_streamable(recipe: Recipe, transforms: list) -> None:
     if recipe.heal.steps:
         raise JaxcompError("stream=true does not heal (training needs the whole model): set "
                            "heal.steps=0")
+
+
+@contextlib.contextmanager
+def _noting_warnings(notes: list[str], where: str | None):
+    """Copies the warnings raised inside (e.g. a rule matching nothing) into the report's
+    ``warnings`` and onto stderr, after ``where: `` when given."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                notes.append(f"{where}: {w.message}" if where else str(w.message))
+                print(f"warning: {notes[-1]}", file=sys.stderr)
 
 
 def _heal(recipe: Recipe, loaded, params, tmp: str, seconds: dict, progress: bool):

@@ -70,7 +70,11 @@ def trainable_partition(params, targets=(), ignore=()) -> Partition:
       JaxcompError: nothing is trainable.
     """
     rules = make_rules(None, targets=tuple(targets) or (r".",), ignore=tuple(ignore))
-    chosen, _ = select(params, rules, warn=bool(targets))
+    chosen, unmatched = select(params, rules, warn=False)
+    for r in unmatched:  # a typo would silently train everything, or nothing extra
+        if r.skip or targets:
+            key = "heal.ignore" if r.skip else "heal.targets"
+            warnings.warn(f"{key}: {r.pattern!r} matched no parameter", stacklevel=2)
 
     def leaf_mask(x):  # inside a selected compressed leaf
         if isinstance(x, QArray):

@@ -1,5 +1,7 @@
 """QAT leaves, the trainable split, data order, losses, sharding rules and the heal loop."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +109,11 @@ def test_trainable_partition_selects_float_factors_only():
     assert len(with_norm) == n_cores + 1
     with pytest.raises(JaxcompError, match="nothing to train"):
         trainable_partition({"dense": {"kernel": jnp.ones((4, 4))}})
+    # A misspelt pattern warns, whether it targets or ignores.
+    with pytest.warns(UserWarning, match=re.escape("heal.ignore: '^kron_typo/' matched no")):
+        trainable_partition(tree, ignore=[r"^kron_typo/"])
+    with pytest.warns(UserWarning, match=re.escape("heal.targets: '^nrom$' matched no")):
+        trainable_partition(tree, targets=[r"^tt/", r"^nrom$"])
 
 
 def test_frozen_params_have_no_optimizer_state():

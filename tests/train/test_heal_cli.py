@@ -42,8 +42,10 @@ def _args(recipe, model, corpus, out, *extra):
 
 def test_heal_stage_report(recipe, tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_args(recipe, tiny_llama_dir, tiny_text_file, out)) == 0
+    assert main(_args(recipe, tiny_llama_dir, tiny_text_file, out,
+                      "heal.ignore=[no_such_param]")) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["warnings"] == ["heal.ignore: 'no_such_param' matched no parameter"]
     heal = report["heal"]
     assert heal["steps_run"] == 3 and heal["resumed_from_step"] is None
     assert heal["tokens_trained"] == 3 * 2 * 16
