@@ -280,7 +280,7 @@ def _plot_losses(losses: list, out_dir: str) -> list[str]:
         json.dump([{"step": s, **m} for s, m in losses], f)
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [s for s, _ in losses]
-    for key in ("loss", "kd", "ce", "hidden"):
+    for key in ("loss", "kd", "ce", "hidden_mse"):
         values = [m[key] for _, m in losses]
         if any(values):
             ax.plot(steps, values, label=key)

@@ -33,7 +33,7 @@ class HealConfig:
     kd_temperature: float = 2.0
     kd_weight: float = 1.0  # KL(teacher || student) on logits at kd_temperature, times T^2
     ce_weight: float = 0.0  # next-token cross-entropy on the corpus
-    hidden_weight: float = 0.0  # relative squared error of every block's output, per token
+    hidden_mse_weight: float = 0.0  # mean squared error of every block's output
     qat: bool = True  # QArray leaves train as fake-quantized float master weights
     lsq: bool = False  # QAT also learns the group scales (LSQ)
     compute_dtype: str = "float32"  # or bfloat16 (master weights stay float32)
@@ -61,10 +61,10 @@ def check_heal_config(h: HealConfig) -> list[tuple[bool, str]]:
         (h.grad_accum >= 1, "heal.grad_accum must be >= 1"),
         (h.seq_len >= 2, "heal.seq_len must be >= 2"),
         (h.kd_temperature > 0, "heal.kd_temperature must be > 0"),
-        (min(h.kd_weight, h.ce_weight, h.hidden_weight) >= 0,
-         "heal.kd_weight, heal.ce_weight and heal.hidden_weight must be >= 0"),
-        (h.kd_weight + h.ce_weight + h.hidden_weight > 0,
-         "heal: at least one of kd_weight, ce_weight, hidden_weight must be > 0"),
+        (min(h.kd_weight, h.ce_weight, h.hidden_mse_weight) >= 0,
+         "heal.kd_weight, heal.ce_weight and heal.hidden_mse_weight must be >= 0"),
+        (h.kd_weight + h.ce_weight + h.hidden_mse_weight > 0,
+         "heal: at least one of kd_weight, ce_weight, hidden_mse_weight must be > 0"),
         (h.compute_dtype in ("float32", "bfloat16"),
          "heal.compute_dtype must be float32 or bfloat16"),
         (h.checkpoint_every >= 0, "heal.checkpoint_every must be >= 0 (0: no checkpoints)"),

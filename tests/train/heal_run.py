@@ -61,7 +61,7 @@ def main():
     tokens = np.random.default_rng(0).integers(0, 64, 20000)
     heal_cfg = HealConfig(steps=args.steps, lr=args.lr, batch_size=8, seq_len=32,
                           warmup_steps=2, grad_accum=args.grad_accum, ce_weight=0.5,
-                          hidden_weight=0.1, mesh=MeshConfig(*args.mesh),
+                          hidden_mse_weight=0.1, mesh=MeshConfig(*args.mesh),
                           checkpoint_every=args.every)
     delay = (lambda step, metrics: time.sleep(args.step_delay)) if args.step_delay else None
     result = heal(model, student, params, tokens, heal_cfg, checkpoint_dir=args.ckpt,
