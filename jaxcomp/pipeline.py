@@ -69,6 +69,10 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         stage_reports: dict[str, dict] = {}
         transforms = make_transforms(
             recipe, lambda i: functools.partial(_stage_report, tmp, i, stage_reports))
+        if recipe.heal.steps:
+            from jaxcomp.train.heal import heal_mesh
+
+            heal_mesh(recipe.heal)  # devices and batch checked now, not after compression
         loaded = _timed(seconds, "load", load_model, recipe.model, stream=recipe.stream)
         dtype = jnp.bfloat16 if recipe.dtype == "bfloat16" else jnp.float32
         model = build_model(loaded.config, dtype=dtype)

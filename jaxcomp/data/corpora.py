@@ -117,11 +117,16 @@ def _text_file(path: str) -> Corpus:
         raise JaxcompError(f"corpus text:{path}: file not found")
     import datasets
 
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # "Generating train split" on stderr, once per file
     try:
         ds = datasets.load_dataset("text", data_files=path, sample_by="paragraph",
                                    split="train")
     except Exception as e:
         raise JaxcompError(f"corpus text:{path}: cannot read ({type(e).__name__}: {e})") from None
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     docs = [t.strip() for t in ds["text"] if t.strip()]
     return _split(f"text:{path}", [(f"{i}:{t}", t) for i, t in enumerate(docs)],
                   f"local text file {path}")

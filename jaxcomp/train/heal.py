@@ -71,10 +71,9 @@ def trainable_partition(params, targets=(), ignore=()) -> Partition:
     """
     rules = make_rules(None, targets=tuple(targets) or (r".",), ignore=tuple(ignore))
     chosen, unmatched = select(params, rules, warn=False)
-    for r in unmatched:  # a typo would silently train everything, or nothing extra
-        if r.skip or targets:
-            key = "heal.ignore" if r.skip else "heal.targets"
-            warnings.warn(f"{key}: {r.pattern!r} matched no parameter", stacklevel=2)
+    # A typo would silently train everything, or nothing extra: say which pattern.
+    unmatched = [f"{'heal.ignore' if r.skip else 'heal.targets'}: {r.pattern!r} matched no "
+                 "parameter" for r in unmatched if r.skip or targets]
 
     def leaf_mask(x):  # inside a selected compressed leaf
         if isinstance(x, QArray):
@@ -94,7 +93,9 @@ def trainable_partition(params, targets=(), ignore=()) -> Partition:
     if not any(marks):
         raise JaxcompError("healing has nothing to train: no compressed leaf is selected "
                            "(heal.targets / heal.ignore), or all are packed QArrays and "
-                           "heal.qat is false")
+                           "heal.qat is false" + "".join(f"; {u}" for u in unmatched))
+    for u in unmatched:
+        warnings.warn(u, stacklevel=2)
     return Partition(treedef, tuple(jax.tree_util.keystr(k) for k, _ in flat),
                      tuple(bool(m) for m in marks))
 
@@ -212,14 +213,21 @@ class Trainer:
     optimizer: optax.GradientTransformation
 
 
-def make_trainer(model, partition: Partition, train_params: dict, frozen: dict, teacher,
-                 cfg: HealConfig) -> Trainer:
-    """Places params, frozen arrays and teacher on the mesh and jit-compiles the step."""
+def heal_mesh(cfg: HealConfig):
+    """The heal's device mesh; refuses sizes that do not fit the devices or the batch (the
+    pipeline asks before loading the model, not after compressing it)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % shards:
         raise JaxcompError(f"heal.batch_size {cfg.batch_size} is not divisible by the "
                            f"data x fsdp mesh size {shards}")
+    return mesh
+
+
+def make_trainer(model, partition: Partition, train_params: dict, frozen: dict, teacher,
+                 cfg: HealConfig) -> Trainer:
+    """Places params, frozen arrays and teacher on the mesh and jit-compiles the step."""
+    mesh = heal_mesh(cfg)
     rules = cfg.mesh.rules
     t_flat = {jax.tree_util.keystr(k): v
               for k, v in jax.tree_util.tree_flatten_with_path(teacher)[0]}

@@ -66,7 +66,7 @@ def test_heal_stage_report(recipe, tiny_llama_dir, tiny_text_file, tmp_path, cap
     (["heal.batch_size=100000"], "fewer than heal.batch_size"),
     (["heal.mesh.rules=[['embedding', ['model', null]]]"], "unknown mesh axis"),
     (["heal.mesh.rules=[['(', [null]]]"], "is not a valid regex"),
-    (["heal.targets=['^nothing$']"], "nothing to train"),
+    (["heal.targets=['^nothing$']"], "heal.targets: '^nothing$' matched no parameter"),
     (["heal.compute_dtype=float16"], "heal.compute_dtype"),
 ])
 def test_bad_heal_input(recipe, tiny_llama_dir, tiny_text_file, tmp_path, capsys, extra,
@@ -84,6 +84,15 @@ def test_bad_mesh_rules_fail_when_the_recipe_loads():
 
     with pytest.raises(JaxcompError, match="unknown mesh axis 'model' in rule 'embedding'"):
         load_recipe("smollm2_tt", {"heal.mesh.rules": [["embedding", ["model", None]]]})
+
+
+def test_a_mesh_the_devices_cannot_hold_fails_before_the_model_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["recipe=smollm2_tt", "model=/models/not-here", "heal.mesh.data=3",
+                 f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: heal.mesh data*fsdp*tensor = 3 but there are 1 devices", err
+    assert not out.exists()
 
 
 def test_checkpoints_of_another_run_are_refused(recipe, tiny_llama_dir, tiny_text_file,
