@@ -150,6 +150,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "eval_tokens": before.tokens,
             "eval_tokens_per_s": round(before.tokens_per_s, 1),
             "seconds": seconds,
+            "versions": _versions(),
             "warnings": notes,
             "stages": stage_reports,
             "heal": heal_report,
@@ -216,6 +217,15 @@ def _check_streamable(recipe: Recipe, transforms: list) -> None:
     if recipe.heal.steps:
         raise JaxcompError("stream=true does not heal (training needs the whole model): set "
                            "heal.steps=0")
+
+
+def _versions() -> dict[str, str]:
+    """The packages the numbers depend on: one commit gave perplexity 14,681 in one venv and
+    13,559 in another (BENCHMARKS.md), so a report says which it ran with."""
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "scipy",
+                                    "transformers")}
 
 
 @contextlib.contextmanager

@@ -156,6 +156,7 @@ def test_cli_quantize_recipe(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     assert report["ppl_after"] != report["ppl_before"]
     assert os.path.isfile(out / "checkpoint" / "jaxcomp.json")
     assert "stage0:quantize" in report["seconds"]
+    assert report["versions"]["jax"] == jax.__version__
 
 
 def test_cli_reports_unmatched_rules(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
