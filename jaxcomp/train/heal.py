@@ -72,8 +72,8 @@ def trainable_partition(params, targets=(), ignore=()) -> Partition:
     rules = make_rules(None, targets=tuple(targets) or (r".",), ignore=tuple(ignore))
     chosen, unmatched = select(params, rules, warn=False)
     # A typo would silently train everything, or nothing extra: say which pattern.
-    unmatched = [f"{'heal.ignore' if r.skip else 'heal.targets'}: {r.pattern!r} matched no "
-                 "parameter" for r in unmatched if r.skip or targets]
+    typos = [f"{'heal.ignore' if r.skip else 'heal.targets'}: {r.pattern!r} matched no "
+             "parameter" for r in unmatched if r.skip or targets]
 
     def leaf_mask(x):  # inside a selected compressed leaf
         if isinstance(x, QArray):
@@ -93,9 +93,9 @@ def trainable_partition(params, targets=(), ignore=()) -> Partition:
     if not any(marks):
         raise JaxcompError("healing has nothing to train: no compressed leaf is selected "
                            "(heal.targets / heal.ignore), or all are packed QArrays and "
-                           "heal.qat is false" + "".join(f"; {u}" for u in unmatched))
-    for u in unmatched:
-        warnings.warn(u, stacklevel=2)
+                           "heal.qat is false" + "".join(f"; {t}" for t in typos))
+    for t in typos:
+        warnings.warn(t, stacklevel=2)
     return Partition(treedef, tuple(jax.tree_util.keystr(k) for k, _ in flat),
                      tuple(bool(m) for m in marks))
 
