@@ -74,6 +74,10 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
 
             heal_mesh(recipe.heal)  # devices and batch checked now, not after compression
         loaded = _timed(seconds, "load", load_model, recipe.model, stream=recipe.stream)
+        teacher = loaded.params
+        if recipe.heal.steps and recipe.heal.teacher:  # loaded now: a bad path fails early
+            teacher = _timed(seconds, "load_teacher", _load_teacher, recipe.heal.teacher,
+                             loaded.config)
         dtype = jnp.bfloat16 if recipe.dtype == "bfloat16" else jnp.float32
         model = build_model(loaded.config, dtype=dtype)
         windows = _eval_windows(recipe, loaded.tokenizer)
@@ -117,7 +121,8 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         heal_report = None
         if recipe.heal.steps:
             with _noting_warnings(notes, None):  # heal warnings name their heal.* key
-                params, heal_report = _heal(recipe, loaded, params, tmp, seconds, progress)
+                params, heal_report = _heal(recipe, loaded, params, teacher, tmp, seconds,
+                                            progress)
             after = _timed(seconds, "eval_after_heal", perplexity, model, params, windows,
                            recipe.eval.batch_size, progress, "eval (healed)")
         params_after, bytes_after = tree_size(params)
@@ -242,8 +247,25 @@ def _noting_warnings(notes: list[str], where: str | None):
                 print(f"warning: {notes[-1]}", file=sys.stderr)
 
 
-def _heal(recipe: Recipe, loaded, params, tmp: str, seconds: dict, progress: bool):
-    """The heal stage: distillation (+ QAT) toward the original params on the heal corpus."""
+def _load_teacher(spec: str, config):
+    """``heal.teacher``'s params; it must have the student's architecture (both run in one
+    model)."""
+    import dataclasses
+
+    from jaxcomp.models.loading import load_model
+
+    teacher = load_model(spec)
+    for field in dataclasses.fields(config):
+        mine, theirs = getattr(config, field.name), getattr(teacher.config, field.name)
+        if mine != theirs:
+            raise JaxcompError(f"heal.teacher {spec}: {field.name} is {theirs!r}, the model's "
+                               f"is {mine!r}; the teacher needs the student's architecture")
+    return teacher.params
+
+
+def _heal(recipe: Recipe, loaded, params, teacher, tmp: str, seconds: dict, progress: bool):
+    """The heal stage: distillation (+ QAT) toward ``teacher`` (the original params unless
+    ``heal.teacher`` names another model) on the heal corpus."""
     import dataclasses
 
     from jaxcomp.data import calib_tokens
@@ -262,7 +284,7 @@ def _heal(recipe: Recipe, loaded, params, tmp: str, seconds: dict, progress: boo
               "stages": [dataclasses.asdict(st) for st in recipe.stages]}
     dtype = jnp.bfloat16 if h.compute_dtype == "bfloat16" else jnp.float32
     student = build_model(loaded.config, dtype, remat=h.remat)
-    result = _timed(seconds, "heal", heal, student, params, loaded.params, tokens, h,
+    result = _timed(seconds, "heal", heal, student, params, teacher, tokens, h,
                     seed=recipe.seed, checkpoint_dir=ckpt_dir, run_id=run_id, progress=progress)
     files = _plot_losses(result.losses, tmp)
     first = result.losses[0][1] if result.losses else {}
@@ -278,6 +300,7 @@ def _heal(recipe: Recipe, loaded, params, tmp: str, seconds: dict, progress: boo
         "loss_first": first.get("loss"),
         "loss_last": last.get("loss"),
         "qat": h.qat,
+        "teacher": h.teacher or recipe.model,
         "checkpoint_dir": ckpt_dir,
         "files": files,
     }

@@ -191,6 +191,10 @@ def _check_values(r: Recipe) -> None:
         (r.calib.seq_len >= 2, "calib.seq_len must be >= 2"),
         (r.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
         *check_heal_config(r.heal),
+        # With no stage and no other teacher the student would distill toward itself.
+        (not r.heal.steps or r.stages or r.heal.teacher or r.heal.ce_weight > 0,
+         "heal: no stage changes the model, so it would distill toward itself: set "
+         "heal.teacher=<the original model> to heal a compressed checkpoint, or add stages"),
         (bool(r.out_dir), "out_dir must not be empty"),
     ]
     for ok, msg in checks:

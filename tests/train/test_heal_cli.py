@@ -121,3 +121,57 @@ def test_checkpoints_of_another_run_are_refused(recipe, tiny_llama_dir, tiny_tex
 def test_llama7b_recipe_asks_for_a_heal_corpus(tmp_path, capsys):
     assert main(["recipe=llama7b_tt", f"model={tmp_path}"]) == 2
     assert "heal.corpus=text:PATH" in capsys.readouterr().err
+
+
+def test_a_compressed_checkpoint_heals_later_toward_heal_teacher(recipe, tiny_llama_dir,
+                                                                  tiny_text_file, tmp_path):
+    # compress and heal in one run, or compress, save, and heal the checkpoint later: the
+    # same student, teacher, batches and QAT masters, so the same healed model
+    now, first, later = tmp_path / "now", tmp_path / "first", tmp_path / "later"
+    assert main(_args(recipe, tiny_llama_dir, tiny_text_file, now,
+                      "heal.checkpoint_every=0")) == 0
+    assert main(_args(recipe, tiny_llama_dir, tiny_text_file, first, "heal.steps=0",
+                      "save_checkpoint=true")) == 0
+    assert main(_args(recipe, first / "checkpoint", tiny_text_file, later, "stages=[]",
+                      f"heal.teacher={tiny_llama_dir}", "heal.checkpoint_every=0")) == 0
+    now_r, first_r, later_r = (json.loads((d / "report.json").read_text())
+                               for d in (now, first, later))
+    assert later_r["heal"]["teacher"] == tiny_llama_dir
+    assert now_r["heal"]["teacher"] == tiny_llama_dir  # the loaded model
+    assert later_r["ppl_before"] == pytest.approx(first_r["ppl_after"], rel=1e-6)
+    assert later_r["heal"]["loss_first"] == pytest.approx(now_r["heal"]["loss_first"], rel=1e-5)
+    assert later_r["ppl_after_heal"] == pytest.approx(now_r["ppl_after_heal"], rel=1e-5)
+
+
+def test_healing_with_no_stage_needs_a_teacher(recipe, tiny_llama_dir, tiny_text_file,
+                                               tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(recipe, tiny_llama_dir, tiny_text_file, out, "stages=[]",
+                      "heal.ce_weight=0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "distill toward itself" in err, err
+    assert "heal.teacher=" in err
+    assert not out.exists()
+
+
+def test_a_bad_heal_teacher_fails_before_compressing(recipe, tiny_llama_dir, tiny_text_file,
+                                                     tmp_path, capsys):
+    import jax
+
+    from jaxcomp.models import build_model
+    from jaxcomp.models.hf import export_hf
+    from jaxcomp.models.loading import load_model
+
+    tiny = load_model(tiny_llama_dir)
+    deeper = tiny.config.__class__(**{**tiny.config.__dict__, "num_layers": 3})
+    other = tmp_path / "deeper"
+    export_hf(build_model(deeper).init(jax.random.key(1), np.zeros((1, 4), np.int32))["params"],
+              deeper, str(other), tiny.tokenizer)
+    for teacher, needle in [(tmp_path / "not-here", "not-here"),
+                            (other, "num_layers is 3, the model's is 2")]:
+        out = tmp_path / "run"
+        assert main(_args(recipe, tiny_llama_dir, tiny_text_file, out,
+                          f"heal.teacher={teacher}")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert not out.exists()
