@@ -156,6 +156,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
             "eval_tokens_per_s": round(before.tokens_per_s, 1),
             "seconds": seconds,
             "versions": _versions(),
+            "machine": _machine(),
             "warnings": notes,
             "stages": stage_reports,
             "heal": heal_report,
@@ -231,6 +232,26 @@ def _versions() -> dict[str, str]:
 
     return {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "scipy",
                                     "transformers")}
+
+
+def _machine() -> dict:
+    """What ran it: XLA compiles for the host CPU's vector extensions, so the same packages
+    can round differently on another CPU."""
+    import platform
+
+    import jax
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {k.strip(): v.strip() for k, v in
+                    (line.split(":", 1) for line in f.read().splitlines() if ":" in line)}
+        cpu, flags = info.get("model name", cpu), set(info.get("flags", "").split())
+    except OSError:  # not Linux
+        pass
+    devices = jax.devices()
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "avx512": "avx512f" in flags,
+            "devices": f"{len(devices)} x {devices[0].device_kind}"}
 
 
 @contextlib.contextmanager

@@ -157,6 +157,8 @@ def test_cli_quantize_recipe(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
     assert os.path.isfile(out / "checkpoint" / "jaxcomp.json")
     assert "stage0:quantize" in report["seconds"]
     assert report["versions"]["jax"] == jax.__version__
+    assert report["machine"]["cpu_count"] == os.cpu_count()
+    assert report["machine"]["devices"].endswith(jax.devices()[0].device_kind)
 
 
 def test_cli_reports_unmatched_rules(tiny_llama_dir, tiny_text_file, tmp_path, capsys):
