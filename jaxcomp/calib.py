@@ -150,6 +150,48 @@ def collect_input_stats(model, params, windows, batch_size: int = 8,
     return _finish(sums, windows.size)
 
 
+def fisher_diagonal(model, params, windows, paths, progress: bool = True
+                    ) -> dict[str, np.ndarray]:
+    """Diagonal empirical Fisher of the next-token loss for the plain matrices at ``paths``.
+
+    ``F = mean_n (dL_n/dW)^2`` over the calibration windows, ``L_n`` a window's mean
+    cross-entropy on its own next tokens. At a trained model (gradient ~ 0, Hessian ~ Fisher)
+    ``0.5 * sum(F * (W - W')^2)`` is the second-order estimate of how much replacing ``W`` by
+    ``W'`` raises the loss, up to one factor all matrices share (a window's gradient averages
+    its tokens'): the loss-based sensitivity, and it adds up over matrices.
+
+    Args:
+      model: a Flax module from :func:`jaxcomp.models.build_model`.
+      params: its params (compressed leaves elsewhere are fine; ``paths`` must be arrays).
+      windows: ``(n, seq_len)`` int tokens; one backward pass each.
+      paths: "/"-joined paths of the matrices.
+      progress: progress bar.
+
+    Returns:
+      path -> float32 array of the matrix's shape.
+    """
+    flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    chosen = {p: flat[p] for p in paths}
+
+    def loss(sel, everything, tokens):
+        merged = jax.tree_util.tree_map_with_path(lambda k, v: sel.get(path_str(k), v),
+                                                  everything)
+        logits = model.apply({"params": merged}, tokens[None, :-1]).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, tokens[None, 1:, None], axis=-1).mean()
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def add(acc, sel, everything, tokens):
+        grads = jax.grad(loss)(sel, everything, tokens)
+        return jax.tree.map(lambda a, g: a + jnp.square(g.astype(jnp.float32)), acc, grads)
+
+    windows = np.asarray(windows, np.int32)
+    acc = {p: jnp.zeros(w.shape, jnp.float32) for p, w in chosen.items()}
+    for tokens in tqdm(windows, desc="fisher", disable=not progress, leave=False):
+        acc = add(acc, chosen, params, jnp.asarray(tokens))
+    return {p: np.asarray(a) / len(windows) for p, a in acc.items()}
+
+
 # --- block-sequential calibration -------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -98,7 +98,7 @@ def run(recipe: Recipe, progress: bool = True) -> dict:
         for i, (stage, transform) in enumerate(zip(recipe.stages, transforms, strict=True)):
             args = ()
             needs = getattr(transform, "needs_calibration", False)
-            if needs == "blocks":  # block-sequential: it runs the blocks itself
+            if needs == "blocks":  # it runs the model itself (block-sequential, Fisher)
                 from jaxcomp.calib import Calibration
 
                 args = (Calibration(model, _calibration_windows(recipe, loaded.tokenizer),

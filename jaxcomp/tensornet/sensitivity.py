@@ -1,13 +1,17 @@
 """Layer sensitivity profiles and the budget allocator behind ``target_reduction``.
 
 For every selected matrix the factorization is tried at a few sizes (fractions of its dense
-parameter count). The *sensitivity* of a matrix at a size is its relative error there: the
-weight error ``||W - W'||_F / ||W||_F`` (data-free) or the output error on calibration inputs
-``||X (W - W')||_F / ||X W||_F`` (from the input Gram matrices, :mod:`jaxcomp.calib`). The profile
-reports it at ``probe_ratio``. The allocator picks one size per matrix (or leaves it dense) so
-that the model loses the requested number of parameters while the summed squared relative
-error — the relative noise energy injected into the layers' outputs — is smallest: a
-multiple-choice knapsack solved by Lagrangian relaxation, then greedily topped up.
+parameter count). The *sensitivity* of a matrix at a size is its error there: the relative
+weight error ``||W - W'||_F / ||W||_F`` (data-free), the relative output error on calibration
+inputs ``||X (W - W')||_F / ||X W||_F`` (from the input Gram matrices, :mod:`jaxcomp.calib`), or
+the Fisher-weighted error ``sqrt(sum(F * (W - W')^2))``, whose square is twice the
+second-order estimate of the loss increase (:func:`jaxcomp.calib.fisher_diagonal`; not
+relative: it also says how much the loss cares about the matrix). The profile reports it at
+``probe_ratio``. The allocator picks one size per matrix (or leaves it dense) so that the model
+loses the requested number of parameters while the summed squared error is smallest (for the
+relative errors: the relative noise energy injected into the layers' outputs; for Fisher: the
+estimated loss increase): a multiple-choice knapsack solved by Lagrangian relaxation, then
+greedily topped up.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class Profile:
 
     Attributes:
       method: factorization method name.
-      metric: ``uniform``, ``weight_error`` or ``output_error``.
+      metric: ``uniform``, ``weight_error``, ``output_error`` or ``fisher``.
       probe_ratio: the size at which ``probe_error`` is reported.
       matrices: path -> :class:`MatrixProfile`.
       allocation: path -> knob value, or ``None`` for a matrix left dense.
@@ -121,8 +125,11 @@ def plot_profile(profile: Profile, png_path: str) -> None:
         rows.sort()
         ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", ms=3, label=kind)
         ax2.plot([r[0] for r in rows], [r[2] for r in rows], marker="o", ms=3, label=kind)
-    ax.set(xlabel="layer", ylabel=f"relative {profile.metric.replace('_', ' ')}",
+    ax.set(xlabel="layer", ylabel=("Fisher-weighted error" if profile.metric == "fisher" else
+                                   f"relative {profile.metric.replace('_', ' ')}"),
            title=f"{profile.method}: sensitivity at {profile.probe_ratio:.0%} of parameters")
+    if profile.metric == "fisher":  # not relative: spans orders of magnitude
+        ax.set_yscale("log")
     ax2.set(xlabel="layer", ylabel="fraction of parameters kept",
             title=f"allocation: {profile.removed:,} parameters removed")
     ax.legend(fontsize=7)
@@ -213,7 +220,7 @@ def uniform_allocation(method, mats: dict, args: dict, budget: int
 
 
 def profile_and_allocate(method, mats: dict, args: dict, budget: int, metric: str,
-                         probe_ratio: float, stats=None, progress=None) -> Profile:
+                         probe_ratio: float, stats=None, progress=None, fisher=None) -> Profile:
     """Measures each matrix's sensitivity (unless ``metric="uniform"``) and allocates.
 
     Args:
@@ -221,10 +228,11 @@ def profile_and_allocate(method, mats: dict, args: dict, budget: int, metric: st
       mats: path -> ``(m, n)`` weights of the selected matrices.
       args: path -> the method's options for that matrix.
       budget: parameters to remove.
-      metric: ``uniform``, ``weight_error`` or ``output_error``.
+      metric: ``uniform``, ``weight_error``, ``output_error`` or ``fisher``.
       probe_ratio: size at which the profile is reported.
       stats: path -> :class:`jaxcomp.calib.InputStats` (for ``output_error``).
       progress: progress bar.
+      fisher: path -> the matrix's diagonal Fisher (for ``fisher``).
 
     Returns:
       The :class:`Profile` with its allocation.
@@ -243,6 +251,8 @@ def profile_and_allocate(method, mats: dict, args: dict, budget: int, metric: st
             stat = None if stats is None else stats.get(p)
             if metric == "output_error" and stat is None:
                 raise JaxcompError(f"{p}: no calibration statistics for this matrix")
+            if metric == "fisher" and (fisher is None or p not in fisher):
+                raise JaxcompError(f"{p}: no Fisher diagonal for this matrix")
             errors, candidates, probe_error = {}, [], None
             # the profile tries the unrefined fit (refinement only runs on the final sizes)
             opts = {k: v for k, v in args[p].items()
@@ -255,9 +265,12 @@ def profile_and_allocate(method, mats: dict, args: dict, budget: int, metric: st
                 if knob not in errors:
                     leaf, _ = method.fit(w, knob, stat, p, **opts)
                     approx = np.asarray(leaf.materialize(), np.float64)
-                    errors[knob] = (stat.output_error(w64, approx) if metric == "output_error"
-                                    else float(np.linalg.norm(w64 - approx)
-                                               / np.linalg.norm(w64)))
+                    if metric == "output_error":
+                        errors[knob] = stat.output_error(w64, approx)
+                    elif metric == "fisher":
+                        errors[knob] = float(np.sqrt(np.sum(fisher[p] * (w64 - approx) ** 2)))
+                    else:
+                        errors[knob] = float(np.linalg.norm(w64 - approx) / np.linalg.norm(w64))
                     n = method.params(w.shape, knob, **opts)
                     if n < w.size:
                         candidates.append((knob, n, errors[knob]))

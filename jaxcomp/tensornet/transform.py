@@ -37,6 +37,7 @@ from jaxcomp.tensornet import kron as kron_math
 from jaxcomp.tensornet import lowrank, tt
 
 DEFAULT_TARGETS = (r"^(layers|h)_\d+/.*kernel$",)
+ALLOCATIONS = ("uniform", "weight_error", "output_error", "fisher")
 # Parameters that are not counted as "non-embedding" (TQCompressor's and CompactifAI's unit).
 EMBEDDING_PATTERN = r"(^|/)(embed_tokens|wte|wpe|lm_head)(/|$)"
 
@@ -222,9 +223,11 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
       param_ratio: per matrix, keep at most this fraction of its scalars.
       target_reduction: remove this fraction of the model's non-embedding parameters, split
         over the selected matrices by ``allocation``.
-      allocation: ``"uniform"`` (one ratio for every selected matrix), ``"weight_error"``
-        (data-free) or ``"output_error"`` (needs calibration statistics): per-matrix sizes
-        minimizing the summed relative error (:func:`jaxcomp.tensornet.sensitivity.allocate`).
+      allocation: ``"uniform"`` (one ratio for every selected matrix), or per-matrix sizes
+        minimizing the summed squared error (:func:`jaxcomp.tensornet.sensitivity.allocate`):
+        ``"weight_error"`` (relative, data-free), ``"output_error"`` (relative, on the
+        calibration inputs) or ``"fisher"`` (the Fisher-weighted weight error, an estimate of
+        the loss increase: :func:`jaxcomp.calib.fisher_diagonal`).
       probe_ratio: the ``param_ratio`` at which the sensitivity profile is reported.
       rules, targets, ignore: selection (first match wins; rule ``args`` override per matrix).
       progress: progress bars (default: when stderr is a terminal).
@@ -237,12 +240,12 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
     Returns:
       ``transform(params, calib=None) -> params``. ``transform.needs_calibration`` says what
       ``calib`` must be: ``True``, stats from :func:`jaxcomp.calib.collect_input_stats`;
-      ``"blocks"`` (refinement), a :class:`jaxcomp.calib.Calibration`, which also gives the
-      allocation its statistics.
+      ``"blocks"`` (refinement, ``allocation="fisher"``), a :class:`jaxcomp.calib.Calibration`,
+      which also gives the allocation its statistics.
     """
     method = METHODS[method_name]
-    if allocation not in ("uniform", "weight_error", "output_error"):
-        raise JaxcompError(f"allocation must be uniform, weight_error or output_error, "
+    if allocation not in ALLOCATIONS:
+        raise JaxcompError(f"allocation must be one of {', '.join(ALLOCATIONS)}, "
                            f"got {allocation!r}")
     if target_reduction is not None and not 0 < target_reduction < 1:
         raise JaxcompError(f"target_reduction must be in (0, 1), got {target_reduction}")
@@ -272,14 +275,16 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
     refined = any(refine_steps)
     needs_stats = method.needs_stats or (target_reduction is not None
                                          and allocation == "output_error")
+    needs_fisher = target_reduction is not None and allocation == "fisher"
 
     def transform(params, calib=None):
         stats = calib
-        if refined:
+        if refined or needs_fisher:
             from jaxcomp.calib import Calibration, collect_input_stats
 
             if not isinstance(calib, Calibration):
-                raise JaxcompError(f"{method.name} with refinement needs calibration data: call "
+                why = "refinement" if refined else "allocation=fisher"
+                raise JaxcompError(f"{method.name} with {why} needs calibration data: call "
                                    "it as transform(params, Calibration(model, windows)) (the "
                                    "CLI makes it from calib.*)")
             stats = (collect_input_stats(calib.model, params, calib.windows, calib.batch_size,
@@ -299,9 +304,15 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
             for p, w in mats.items():
                 require_matrix(p, w)
             budget = int(round(target_reduction * non_embedding_params(params)))
+            fisher = None
+            if needs_fisher:
+                from jaxcomp.calib import fisher_diagonal
+
+                fisher = fisher_diagonal(calib.model, params, calib.windows, list(mats),
+                                         calib.progress)
             profile = sensitivity.profile_and_allocate(
                 method, mats, {p: {**method_args, **a} for p, a in selected.items()}, budget,
-                allocation, probe_ratio, stats, progress)
+                allocation, probe_ratio, stats, progress, fisher)
             if report_sink is not None:
                 report_sink("profile", profile)
             # The allocation is data: one exact-path rule per matrix (None = left dense).
@@ -321,7 +332,7 @@ def factorize(method_name: str, *, param_ratio: float | None = None,
             report_sink("fits", fit_log)
         return out
 
-    transform.needs_calibration = "blocks" if refined else needs_stats
+    transform.needs_calibration = "blocks" if refined or needs_fisher else needs_stats
     return transform
 
 

@@ -7,10 +7,10 @@ Usage: python scripts/bench/tensornet.py [--reductions 0.1 0.2 0.35 0.5 0.7]
 
 Every method removes the same fraction of SmolLM2's non-embedding parameters from the same
 matrices (``target_reduction``), before any healing: with uniform allocation (one parameter
-ratio for every matrix), or for the ``*_alloc`` variants with per-matrix sizes from the
-output-error sensitivity profile. Evaluates on the enwiki-sample eval part (seq_len 512, the first
---max-tokens tokens). Writes results.csv and ppl_vs_reduction.png into --out and prints a
-Markdown table.
+ratio for every matrix), or with per-matrix sizes from the sensitivity profile: output error
+for the ``*_alloc`` variants, the Fisher-weighted error for ``*_fisher``. Evaluates on the
+enwiki-sample eval part (seq_len 512, the first --max-tokens tokens). Writes results.csv and
+ppl_vs_reduction.png into --out and prints a Markdown table.
 """
 
 import argparse
@@ -44,6 +44,10 @@ VARIANTS = {
     "tt_alloc": ("tt", {"num_cores": 3, "allocation": "output_error"}),
     "svd_alloc": ("svd", {"allocation": "output_error"}),
     "asvd_alloc": ("asvd", {"allocation": "output_error"}),
+    # per-matrix sizes from the Fisher-weighted error (estimated loss increase)
+    "tt_fisher": ("tt", {"num_cores": 3, "allocation": "fisher"}),
+    "svd_fisher": ("svd", {"allocation": "fisher"}),
+    "asvd_fisher": ("asvd", {"allocation": "fisher"}),
 }
 
 
@@ -81,7 +85,7 @@ def main():
             if needs is True and stats is None:
                 stats = collect_input_stats(model, loaded.params, calib, progress=False)
             start = time.perf_counter()
-            if needs == "blocks":  # tt refinement: the block-sequential pass
+            if needs == "blocks":  # tt refinement, Fisher: the transform runs the model
                 params = transform(loaded.params, Calibration(model, calib, progress=False))
             else:
                 params = transform(loaded.params, stats) if needs else transform(loaded.params)
