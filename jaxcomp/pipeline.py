@@ -275,7 +275,10 @@ def _load_teacher(spec: str, config):
 
     from jaxcomp.models.loading import load_model
 
-    teacher = load_model(spec)
+    try:
+        teacher = load_model(spec)
+    except JaxcompError as e:  # say which model could not be loaded
+        raise JaxcompError(f"heal.teacher: {e}") from None
     for field in dataclasses.fields(config):
         mine, theirs = getattr(config, field.name), getattr(teacher.config, field.name)
         if mine != theirs:

@@ -167,7 +167,7 @@ def test_a_bad_heal_teacher_fails_before_compressing(recipe, tiny_llama_dir, tin
     other = tmp_path / "deeper"
     export_hf(build_model(deeper).init(jax.random.key(1), np.zeros((1, 4), np.int32))["params"],
               deeper, str(other), tiny.tokenizer)
-    for teacher, needle in [(tmp_path / "not-here", "not-here"),
+    for teacher, needle in [(tmp_path / "not-here", "heal.teacher: model '"),
                             (other, "num_layers is 3, the model's is 2")]:
         out = tmp_path / "run"
         assert main(_args(recipe, tiny_llama_dir, tiny_text_file, out,
