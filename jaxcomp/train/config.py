@@ -30,7 +30,9 @@ class HealConfig:
     grad_accum: int = 1  # micro-batches per step (batch_size sequences each)
     seq_len: int = 512
     corpus: str = "enwiki-sample"  # trains on its calib part; the eval part is never used
-    teacher: str = ""  # model to distill from (as `model`); empty: the model the recipe loads
+    # the CLI's model to distill from (as `model`; empty: the loaded one); jc.heal is handed
+    # the teacher's params instead
+    teacher: str = ""
     kd_temperature: float = 2.0
     kd_weight: float = 1.0  # KL(teacher || student) on logits at kd_temperature, times T^2
     ce_weight: float = 0.0  # next-token cross-entropy on the corpus
