@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcomp.core.rules import check_rule_args, make_rules, path_str, select
+from jaxcomp.core.rules import (
+    check_rule_args,
+    leaves_by_path,
+    make_rules,
+    path_str,
+    replace_leaves,
+    select,
+)
 from jaxcomp.errors import JaxcompError
 
 
@@ -170,12 +177,11 @@ def fisher_diagonal(model, params, windows, paths, progress: bool = True
     Returns:
       path -> float32 array of the matrix's shape.
     """
-    flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    chosen = {p: flat[p] for p in paths}
+    leaves = leaves_by_path(params)
+    chosen = {p: leaves[p] for p in paths}
 
     def loss(sel, everything, tokens):
-        merged = jax.tree_util.tree_map_with_path(lambda k, v: sel.get(path_str(k), v),
-                                                  everything)
+        merged = replace_leaves(everything, sel)
         logits = model.apply({"params": merged}, tokens[None, :-1]).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.take_along_axis(logp, tokens[None, 1:, None], axis=-1).mean()

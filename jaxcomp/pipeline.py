@@ -226,8 +226,8 @@ def _check_streamable(recipe: Recipe, transforms: list) -> None:
 
 
 def _versions() -> dict[str, str]:
-    """The packages the numbers depend on: one commit gave perplexity 14,681 in one venv and
-    13,559 in another (BENCHMARKS.md), so a report says which it ran with."""
+    """The packages the numbers depend on (with ``machine``: one commit gave perplexity 14,681
+    on one machine and 13,559 on another, BENCHMARKS.md), so a report says which it ran with."""
     from importlib.metadata import version
 
     return {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "scipy",

@@ -7,6 +7,7 @@ import pytest
 
 from jaxcomp.calib import Calibration, fisher_diagonal
 from jaxcomp.core import get_transform
+from jaxcomp.core.rules import replace_leaves
 from jaxcomp.errors import JaxcompError
 from jaxcomp.models import build_model
 from jaxcomp.models.loading import load_model
@@ -31,9 +32,7 @@ def test_fisher_diagonal_is_the_mean_squared_gradient_of_each_windows_loss(tiny)
     w = tiny.params["layers_1"]["mlp"]["down_proj"]["kernel"]
 
     def window_loss(kernel, tokens):
-        layer = tiny.params["layers_1"]
-        p = {**tiny.params, "layers_1": {**layer, "mlp": {**layer["mlp"],
-                                                          "down_proj": {"kernel": kernel}}}}
+        p = replace_leaves(tiny.params, {PATH: kernel})
         logp = jax.nn.log_softmax(model.apply({"params": p}, tokens[None, :-1]), -1)
         return -jnp.take_along_axis(logp, tokens[None, 1:, None], -1).mean()
 

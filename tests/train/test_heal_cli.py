@@ -156,6 +156,8 @@ def test_healing_with_no_stage_needs_a_teacher(recipe, tiny_llama_dir, tiny_text
 
 def test_a_bad_heal_teacher_fails_before_compressing(recipe, tiny_llama_dir, tiny_text_file,
                                                      tmp_path, capsys):
+    import dataclasses
+
     import jax
 
     from jaxcomp.models import build_model
@@ -163,7 +165,7 @@ def test_a_bad_heal_teacher_fails_before_compressing(recipe, tiny_llama_dir, tin
     from jaxcomp.models.loading import load_model
 
     tiny = load_model(tiny_llama_dir)
-    deeper = tiny.config.__class__(**{**tiny.config.__dict__, "num_layers": 3})
+    deeper = dataclasses.replace(tiny.config, num_layers=3)
     other = tmp_path / "deeper"
     export_hf(build_model(deeper).init(jax.random.key(1), np.zeros((1, 4), np.int32))["params"],
               deeper, str(other), tiny.tokenizer)
